@@ -1,0 +1,1 @@
+"""attnopt: find attention in a model and rewrite it into fused kernels."""

@@ -1,0 +1,37 @@
+"""A kernel's tunable configuration space, declared as data by the kernel file.
+
+Kernel files build a ``ConfigSpace`` (parameter choices, a ``keep`` rule that says why a config
+cannot run on a target/signature, and a default); the tuner prunes with ``keep`` before any trial.
+This module never imports Optuna, so kernels can import it freely.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from attnopt.codegen.signature import KernelSignature
+from attnopt.targets import Target
+
+Config = dict[str, int]
+
+
+@dataclass(frozen=True)
+class ConfigSpace:
+    """``params`` maps a knob to its choices; ``keep`` returns None or the reason to drop."""
+
+    kernel: str
+    params: dict[str, tuple[int, ...]]
+    keep: Callable[[Config, Target, KernelSignature], str | None]
+    default: Callable[[Target, KernelSignature], Config]
+
+    def configs(self) -> Iterator[Config]:
+        """Every combination of the choices, unpruned."""
+        names = list(self.params)
+        for values in itertools.product(*(self.params[n] for n in names)):
+            yield dict(zip(names, values, strict=True))
+
+    def valid(self, target: Target, sig: KernelSignature) -> list[Config]:
+        """The configs that can launch on ``target`` for ``sig``."""
+        return [c for c in self.configs() if self.keep(c, target, sig) is None]

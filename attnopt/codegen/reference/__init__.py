@@ -1,0 +1,1 @@
+"""Plain-torch references, one module per variant: the oracles and CPU fallbacks."""

@@ -1,0 +1,56 @@
+"""Which kernel runs a variant on a device: a dict filled by ``register_kernel``.
+
+Backends register themselves when their module is imported (see ``attnopt.codegen.ops``); the
+op picks, per device type, the available kernel with the highest priority. The plain-torch
+reference is registered for every device at priority 0, so there is always a kernel.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """One implementation of a variant on one device type.
+
+    ``forward(q, k, v, mask, scale=, causal=, window=, fill=) -> (out, lse)`` follows the
+    contract of ``codegen/reference/<variant>.py``. ``backward`` (optional) takes
+    ``(grad_out, q, k, v, mask, out, lse, scale=, causal=, window=, fill=)`` and returns
+    ``(dq, dk, dv)``; without it, gradients come from autograd through the reference.
+    ``supports(q, k, v, mask, causal, window)`` returns None or the reason it cannot run them.
+    """
+
+    variant: str
+    device_type: str
+    name: str
+    forward: Callable
+    backward: Callable | None = None
+    supports: Callable | None = None
+    priority: int = 0
+
+
+_KERNELS: dict[tuple[str, str], dict[str, Kernel]] = {}
+
+
+def register_kernel(kernel: Kernel) -> Kernel:
+    """Add (or replace) a kernel; returns it so modules can keep a handle."""
+    _KERNELS.setdefault((kernel.variant, kernel.device_type), {})[kernel.name] = kernel
+    return kernel
+
+
+def kernels_for(variant: str, device_type: str) -> list[Kernel]:
+    """Registered kernels for a variant on a device type, best first."""
+    found = _KERNELS.get((variant, device_type), {}) | _KERNELS.get((variant, "any"), {})
+    return sorted(found.values(), key=lambda kern: -kern.priority)
+
+
+def select_kernel(variant: str, q: torch.Tensor, k, v, mask, causal: bool, window: int) -> Kernel:
+    """The best registered kernel that accepts these inputs."""
+    for kernel in kernels_for(variant, q.device.type):
+        if kernel.supports is None or kernel.supports(q, k, v, mask, causal, window) is None:
+            return kernel
+    raise LookupError(f"no kernel registered for variant {variant!r} on {q.device.type}")
