@@ -105,3 +105,5 @@ def _backward(ctx, grad_out):
 
 
 attention.register_autograd(_backward, setup_context=_setup_context)
+
+import attnopt.codegen.backends  # noqa: E402,F401  (registers the compiled kernels)

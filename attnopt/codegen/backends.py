@@ -1,0 +1,5 @@
+"""Importing this module registers every compiled backend's kernels with the registry.
+
+One import per backend module; each registers its kernels at import time and defers heavy
+imports (the compiler itself) to the first call.
+"""
