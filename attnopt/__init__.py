@@ -1,1 +1,8 @@
 """attnopt: find attention in a model and rewrite it into fused kernels."""
+
+from attnopt import errors
+from attnopt.api import OptimizedModule, inspect, optimize
+from attnopt.report import Report
+
+__all__ = ["OptimizedModule", "Report", "errors", "inspect", "optimize"]
+__version__ = "0.1.0"

@@ -1,0 +1,186 @@
+"""``optimize`` and ``inspect`` for torch models: capture, detect, plan, rewrite, validate."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from attnopt.errors import ShapeError
+from attnopt.passes.plan import plan
+from attnopt.report import NearMissReport, Report, SiteReport
+from attnopt.rewriter.canonicalize import canonicalize
+from attnopt.rewriter.capture import Capture, Inputs, capture, check_outputs
+from attnopt.rewriter.detect import Detection, detect
+from attnopt.rewriter.fx_frontend import graph_view
+from attnopt.rewriter.fx_rewrite import Splice, finish, splice
+from attnopt.rewriter.graph import GraphView
+from attnopt.rewriter.site import AttentionSite
+from attnopt.targets import resolve
+from attnopt.validate import compare_outputs, max_error, tolerance_for
+
+
+class OptimizedModule(nn.Module):
+    """The rewritten graph behind the original model's call signature and state_dict keys."""
+
+    def __init__(self, gm: fx.GraphModule, report: Report) -> None:
+        super().__init__()
+        self.graph_module = gm
+        self.attnopt_report = report
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if not torch.compiler.is_compiling() and not self.attnopt_report.dynamic:
+            return self._call_static(args, kwargs)
+        return self.graph_module(*args, **kwargs)
+
+    def _call_static(self, args: tuple, kwargs: dict) -> Any:
+        try:
+            return self.graph_module(*args, **kwargs)
+        except (AssertionError, RuntimeError, ValueError) as err:
+            if "shape" in str(err) or "Expected input" in str(err):
+                raise ShapeError(
+                    "this optimized module was captured with static shapes and accepts only the "
+                    f"example's input shapes ({err}). Optimize again with example inputs of this "
+                    "shape, or make the model exportable with dynamic shapes."
+                ) from None
+            raise
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict:
+        """The original model's keys, so checkpoints load into either."""
+        return self.graph_module.state_dict(*args, **kwargs)
+
+    def load_state_dict(self, state_dict: dict, strict: bool = True, assign: bool = False):
+        return self.graph_module.load_state_dict(state_dict, strict=strict, assign=assign)
+
+
+def _detect(model: nn.Module, inputs: Inputs) -> tuple[Capture, GraphView, Detection]:
+    captured = capture(model, inputs)
+    view = canonicalize(graph_view(captured.gm, captured.shapes_hold))
+    return captured, view, detect(view)
+
+
+def _base_report(model: nn.Module, captured: Capture, found: Detection, target: str) -> Report:
+    report = Report(
+        model=type(model).__name__,
+        capture=captured.method,
+        dynamic=captured.dynamic,
+        dynamic_dims=captured.dynamic_dims,
+        target=target,
+        notes=list(captured.notes),
+    )
+    report.sites = [
+        SiteReport(s.location, s.describe(), s.mask_kind, s.source) for s in found.sites
+    ]
+    report.near_misses = [NearMissReport(m.location, m.rule) for m in found.near_misses]
+    return report
+
+
+def inspect(model: nn.Module, example_inputs: Any) -> Report:
+    """Capture and detect only: the sites attnopt would rewrite, and the near misses."""
+    inputs = Inputs.of(example_inputs)
+    captured, _, found = _detect(model, inputs)
+    report = _base_report(model, captured, found, "-")
+    report.site_objects = found.sites  # type: ignore[attr-defined]
+    return report
+
+
+def optimize(
+    model: nn.Module,
+    example_inputs: Any,
+    *,
+    variants: tuple[str, ...] = ("exact",),
+    target: str = "auto",
+    tolerance: float | None = None,
+) -> nn.Module:
+    """A module computing what ``model`` computes with its attention sites rewritten.
+
+    Each site is checked against the original on ``example_inputs``; sites outside
+    ``tolerance`` (default: per dtype, see ``attnopt.validate``) are restored and reported.
+    The result has ``.attnopt_report``.
+    """
+    clock = time.perf_counter()
+    inputs = Inputs.of(example_inputs)
+    resolved = resolve(target)
+    with torch.no_grad():
+        reference = model(*inputs.args, **inputs.kwargs)
+    check_outputs(reference)
+    timings = {"reference": time.perf_counter() - clock}
+    captured, view, found = _detect(model, inputs)
+    timings["capture+detect"] = time.perf_counter() - clock - timings["reference"]
+    report = _base_report(model, captured, found, resolved.name)
+    gm = captured.gm
+    splices: list[tuple[SiteReport, Splice]] = []
+    for choice, site_report in zip(plan(found.sites, variants, resolved), report.sites, strict=True):
+        if choice.chosen is None:
+            site_report.status, site_report.reason = "skipped", "; ".join(choice.reasons)
+            continue
+        site_report.variant = choice.chosen.name
+        splices.append((site_report, splice(gm, view, choice.site, choice.chosen.replacement(choice.site))))
+    gm.recompile()
+    _validate_sites(gm, inputs, splices, tolerance)
+    finish(gm)
+    optimized = OptimizedModule(gm, report)
+    with torch.no_grad():
+        result = optimized(*inputs.args, **inputs.kwargs)
+    report.output_error = compare_outputs(result, reference)
+    model_tol = tolerance_for(_main_dtype(reference), tolerance) * max(1, len(splices))
+    if report.output_error > model_tol and splices:
+        for site_report, spliced in splices:
+            spliced.restore()
+            site_report.status, site_report.reason = "restored", "model output check failed"
+        finish(gm)
+        report.output_error = compare_outputs(optimized(*inputs.args, **inputs.kwargs), reference)
+    timings["total"] = time.perf_counter() - clock
+    report.seconds = timings
+    return optimized
+
+
+def _main_dtype(outputs: Any) -> torch.dtype:
+    from torch.utils import _pytree as pytree
+
+    for leaf in pytree.tree_leaves(outputs):
+        if isinstance(leaf, torch.Tensor) and leaf.is_floating_point():
+            return leaf.dtype
+    return torch.float32
+
+
+_RECORDED: dict[int, torch.Tensor] = {}
+
+
+def _record(key: int, value: torch.Tensor) -> None:
+    _RECORDED[key] = value.detach()
+
+
+def _validate_sites(gm: fx.GraphModule, inputs: Inputs, splices: list, tolerance: float | None) -> None:
+    """Run the graph once with old and new site outputs both computed from the same inputs;
+    restore every site whose replacement disagrees."""
+    if not splices:
+        return
+    probes = []
+    for index, (_, spliced) in enumerate(splices):
+        for key, node in ((2 * index, spliced.old), (2 * index + 1, spliced.new)):
+            with gm.graph.inserting_after(node):
+                probes.append(gm.graph.call_function(_record, (key, node)))
+    gm.recompile()
+    _RECORDED.clear()
+    try:
+        with torch.no_grad():
+            gm(*inputs.args, **inputs.kwargs)
+        for index, (site_report, spliced) in enumerate(splices):
+            old, new = _RECORDED[2 * index], _RECORDED[2 * index + 1]
+            err = max_error(new, old)
+            site_report.max_error = err
+            if err <= tolerance_for(old.dtype, tolerance):
+                site_report.status = "rewritten"
+                site_report.kernel = "attnopt::attention"
+            else:
+                spliced.restore()
+                site_report.status = "restored"
+                site_report.reason = f"error {err:.2e} above tolerance {tolerance_for(old.dtype, tolerance):.0e}"
+    finally:
+        for probe in probes:
+            gm.graph.erase_node(probe)
+        _RECORDED.clear()
+        gm.recompile()

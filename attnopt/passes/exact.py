@@ -1,0 +1,30 @@
+"""exact: every site becomes one ``attnopt::attention`` call (fused online-softmax kernels)."""
+
+from __future__ import annotations
+
+from attnopt.passes.base import Replacement, register_pass
+from attnopt.rewriter.site import AttentionSite
+from attnopt.targets import Target
+
+
+@register_pass
+class ExactPass:
+    name = "exact"
+    approximate = False
+
+    def applies(self, site: AttentionSite, target: Target) -> str | None:
+        if site.dropout_p > 0:
+            return f"dropout p={site.dropout_p} in training is not reproduced by the fused op"
+        return None
+
+    def replacement(self, site: AttentionSite) -> Replacement:
+        return Replacement(
+            op="attnopt::attention",
+            attrs={
+                "scale": float(site.scale),
+                "causal": site.causal,
+                "window": int(site.window),
+                "fill": float(site.fill),
+                "kv_group": int(site.kv_group),
+            },
+        )

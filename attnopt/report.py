@@ -1,0 +1,79 @@
+"""The report of one optimize()/inspect() run: sites, near misses, capture facts, as a table
+on the terminal (rich) or JSON for machines."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+
+from rich.console import Console
+from rich.table import Table
+
+
+@dataclass
+class SiteReport:
+    location: str
+    signature: str
+    mask: str
+    source: str  # "matmul" (decomposed attention) or "sdpa" (an existing fused call)
+    variant: str | None = None  # None: not rewritten
+    status: str = "detected"  # detected | rewritten | restored | skipped
+    max_error: float | None = None
+    kernel: str | None = None
+    config: str | None = None
+    reason: str | None = None
+
+
+@dataclass
+class NearMissReport:
+    location: str
+    rule: str
+
+
+@dataclass
+class Report:
+    model: str
+    capture: str
+    dynamic: bool
+    dynamic_dims: dict[str, list[int]] = field(default_factory=dict)
+    target: str = ""
+    sites: list[SiteReport] = field(default_factory=list)
+    near_misses: list[NearMissReport] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    output_error: float | None = None
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def rewritten(self) -> list[SiteReport]:
+        return [s for s in self.sites if s.status == "rewritten"]
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(asdict(self), indent=indent, default=str)
+
+    def table(self) -> Table:
+        table = Table(title=f"attnopt: {self.model} ({self.capture}, target {self.target})")
+        for column in ("site", "signature", "mask", "variant", "status", "max err"):
+            table.add_column(column, overflow="fold")
+        for site in self.sites:
+            err = "" if site.max_error is None else f"{site.max_error:.2e}"
+            status = site.status if not site.reason else f"{site.status}: {site.reason}"
+            table.add_row(site.location, site.signature, site.mask, site.variant or "-", status, err)
+        for miss in self.near_misses:
+            table.add_row(miss.location, "-", "-", "-", f"near miss: {miss.rule}", "")
+        return table
+
+    def print(self, console: Console | None = None) -> None:
+        console = console or Console()
+        console.print(self.table())
+        dims = ", ".join(f"{k}{v}" for k, v in self.dynamic_dims.items()) or "none"
+        console.print(f"dynamic dims: {dims}")
+        for note in self.notes:
+            console.print(f"note: {note}")
+        if self.output_error is not None:
+            console.print(f"model output max error vs original: {self.output_error:.3e}")
+        if self.seconds:
+            parts = ", ".join(f"{k} {v:.2f}s" for k, v in self.seconds.items())
+            console.print(f"time: {parts}")
+
+    def __rich__(self) -> Table:
+        return self.table()

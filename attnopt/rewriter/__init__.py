@@ -1,0 +1,1 @@
+"""Front ends, the GraphView every detector reads, canonicalization and detection."""

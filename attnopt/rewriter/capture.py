@@ -1,0 +1,170 @@
+"""Capture an nn.Module as an fx GraphModule: torch.export first, symbolic_trace as fallback.
+
+Export runs with every dimension of every tensor input marked ``Dim.AUTO``, so the graph serves
+other batch sizes and sequence lengths; if that fails, a static export; if that fails too,
+``torch.fx.symbolic_trace``. The capture records which one ran and which dims stayed dynamic.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import fx, nn
+from torch.export import Dim
+from torch.fx.passes.shape_prop import ShapeProp
+from torch.utils import _pytree as pytree
+
+from attnopt.errors import CaptureError, InputSignatureError, UnsupportedOutputError
+
+
+@dataclass
+class Inputs:
+    """Example inputs as the model takes them: positional args and keyword args."""
+
+    args: tuple
+    kwargs: dict
+
+    @classmethod
+    def of(cls, example_inputs: Any) -> Inputs:
+        if isinstance(example_inputs, dict):
+            return cls((), dict(example_inputs))
+        if isinstance(example_inputs, torch.Tensor):
+            return cls((example_inputs,), {})
+        if isinstance(example_inputs, list | tuple):
+            return cls(tuple(example_inputs), {})
+        raise InputSignatureError(
+            f"example_inputs must be a tuple of positional arguments or a dict of keyword "
+            f"arguments, not {type(example_inputs).__name__}"
+        )
+
+
+@dataclass
+class Capture:
+    gm: fx.GraphModule
+    method: str  # "torch.export", "torch.export (static)" or "torch.fx.symbolic_trace"
+    dynamic: bool  # the graph accepts other input shapes
+    shapes_hold: bool  # node shapes are facts for every accepted input
+    dynamic_dims: dict[str, list[int]] = field(default_factory=dict)
+    size_hints: dict[str, int] = field(default_factory=dict)  # symbol -> example value
+    notes: list[str] = field(default_factory=list)
+
+
+def check_signature(model: nn.Module, inputs: Inputs) -> inspect.BoundArguments:
+    """Bind the inputs to ``forward``'s signature, or say what does not fit."""
+    try:
+        return inspect.signature(model.forward).bind(*inputs.args, **inputs.kwargs)
+    except TypeError as err:
+        params = ", ".join(inspect.signature(model.forward).parameters)
+        raise InputSignatureError(
+            f"example inputs do not match {type(model).__name__}.forward({params}): {err}"
+        ) from None
+
+
+def check_outputs(outputs: Any) -> None:
+    """The optimized module returns the same structure: only tensors and plain values fit."""
+    leaves, _ = pytree.tree_flatten(outputs)
+    for leaf in leaves:
+        if not isinstance(leaf, torch.Tensor | int | float | bool | type(None)):
+            raise UnsupportedOutputError(
+                f"the model returns a {type(leaf).__name__}; attnopt needs outputs made of "
+                "tensors in tuples, lists, dicts or registered dataclasses (e.g. HF ModelOutput). "
+                "Return tensors from forward, or wrap the model in a module that does."
+            )
+
+
+def _auto_dims(value: Any) -> Any:
+    return {i: Dim.AUTO for i in range(value.dim())} if isinstance(value, torch.Tensor) else None
+
+
+def _dynamic_shapes(bound: inspect.BoundArguments) -> dict:
+    return {
+        name: pytree.tree_map(_auto_dims, value) for name, value in bound.arguments.items()
+    }
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0] if text else ''}"
+
+
+def capture(model: nn.Module, inputs: Inputs) -> Capture:
+    """Capture ``model`` on ``inputs``; raise CaptureError naming why every method failed."""
+    bound = check_signature(model, inputs)
+    failures = []
+    for dynamic in (True, False):
+        try:
+            program = torch.export.export(
+                model,
+                inputs.args,
+                inputs.kwargs,
+                dynamic_shapes=_dynamic_shapes(bound) if dynamic else None,
+                strict=False,
+            )
+            gm = program.module()
+            return _exported(gm, program, dynamic)
+        except Exception as err:  # noqa: BLE001 - every export failure means: try the next way
+            failures.append(f"torch.export ({'dynamic' if dynamic else 'static'}): {_first_line(err)}")
+    try:
+        return _traced(model, bound)
+    except Exception as err:  # noqa: BLE001
+        failures.append(f"torch.fx.symbolic_trace: {_first_line(err)}")
+    raise CaptureError(
+        f"could not capture {type(model).__name__}:\n  "
+        + "\n  ".join(failures)
+        + "\nRemove the construct named above (data-dependent Python control flow, "
+        "non-tensor outputs, unsupported ops) or make it depend only on shapes."
+    )
+
+
+def _exported(gm: fx.GraphModule, program: Any, dynamic: bool) -> Capture:
+    dims: dict[str, list[int]] = {}
+    hints: dict[str, int] = {}
+    for node in gm.graph.find_nodes(op="placeholder"):
+        val = node.meta.get("val")
+        if not isinstance(val, torch.Tensor):
+            continue
+        symbolic = [i for i, s in enumerate(val.shape) if isinstance(s, torch.SymInt)]
+        if symbolic:
+            dims[node.name] = symbolic
+        for s in val.shape:
+            if isinstance(s, torch.SymInt):
+                hint = s.node.hint
+                if hint is not None:
+                    hints[str(s.node.expr)] = int(hint)
+    notes = []
+    if not dims:
+        notes.append(
+            "captured with static shapes: the optimized module accepts only the example's shapes"
+        )
+    _drop_metadata_asserts(gm)
+    method = "torch.export" if dynamic else "torch.export (static)"
+    return Capture(gm, method, bool(dims), True, dims, hints, notes)
+
+
+_METADATA_ASSERTS = (torch.ops.aten._assert_tensor_metadata.default,)
+
+
+def _drop_metadata_asserts(gm: fx.GraphModule) -> None:
+    """Export's dtype/device asserts on intermediates would pin values a rewrite replaces."""
+    for node in list(gm.graph.nodes):
+        if node.op == "call_function" and node.target in _METADATA_ASSERTS and not node.users:
+            gm.graph.erase_node(node)
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+
+
+def _traced(model: nn.Module, bound: inspect.BoundArguments) -> Capture:
+    gm = fx.symbolic_trace(model)
+    placeholders = [n.target for n in gm.graph.find_nodes(op="placeholder")]
+    values = [bound.arguments.get(name) for name in placeholders]
+    ShapeProp(gm).propagate(*values)
+    return Capture(
+        gm,
+        "torch.fx.symbolic_trace",
+        dynamic=True,
+        shapes_hold=False,
+        notes=["traced with torch.fx: shapes are known only at the example's sizes"],
+    )

@@ -1,0 +1,105 @@
+"""Splice replacements into an fx graph (the torch front end's half of the rewrite).
+
+A site's output node keeps existing until validation has compared it with its replacement, so a
+site that fails is restored by pointing its users back at it; dead code goes only at the end.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import fx
+
+import attnopt.codegen.ops  # noqa: F401  (defines torch.ops.attnopt.attention)
+from attnopt.passes.base import Replacement
+from attnopt.rewriter.canonicalize import TracedOperand
+from attnopt.rewriter.graph import GraphView
+from attnopt.rewriter.site import AttentionSite
+
+aten = torch.ops.aten
+
+
+@dataclass
+class Splice:
+    """A site spliced into the graph: ``new`` now feeds the users ``old`` had."""
+
+    site: AttentionSite
+    old: fx.Node
+    new: fx.Node
+    op_call: fx.Node
+
+    def restore(self) -> None:
+        self.new.replace_all_uses_with(self.old)
+
+
+def _resolve_op(name: str) -> Any:
+    namespace, op = name.split("::")
+    return getattr(getattr(torch.ops, namespace), op).default
+
+
+def _value(graph: fx.Graph, view: GraphView, operand: TracedOperand) -> fx.Node:
+    node = view.handle(operand.source)
+    if operand.perm is not None:
+        node = graph.call_function(aten.permute.default, (node, list(operand.perm)))
+    return node
+
+
+def _mask(graph: fx.Graph, view: GraphView, site: AttentionSite) -> fx.Node | None:
+    """One mask tensor: additive terms summed (keep masks folded in as -inf), or one bool mask."""
+    additive, keep = None, None
+    for term in site.masks:
+        value = _value(graph, view, term.operand)
+        if term.kind == "additive":
+            if term.multiplier != 1.0:
+                value = graph.call_function(aten.mul.Tensor, (value, term.multiplier))
+            additive = value if additive is None else graph.call_function(aten.add.Tensor, (additive, value))
+        else:
+            if term.kind == "drop":
+                value = graph.call_function(aten.logical_not.default, (value,))
+            keep = value if keep is None else graph.call_function(aten.logical_and.default, (keep, value))
+    if keep is not None and additive is not None:
+        # only reached with fill == -inf (detection refuses other mixes)
+        blocked = graph.call_function(aten.where.Scalar, (keep, 0.0, -math.inf))
+        return graph.call_function(aten.add.Tensor, (additive, blocked))
+    return additive if additive is not None else keep
+
+
+def splice(gm: fx.GraphModule, view: GraphView, site: AttentionSite, replacement: Replacement) -> Splice:
+    """Insert the replacement before the site's output and move the output's users onto it."""
+    graph = gm.graph
+    old = view.handle(site.output)
+    with graph.inserting_before(old):
+        q = _value(graph, view, site.q)
+        k = _value(graph, view, site.k)
+        v = _value(graph, view, site.v)
+        mask = _mask(graph, view, site)
+        attrs = replacement.attrs
+        call = graph.call_function(
+            _resolve_op(replacement.op),
+            (q, k, v, mask, attrs["scale"], attrs["causal"], attrs["window"], attrs["fill"], attrs["kv_group"]),
+        )
+        new = call
+        if site.output_perm is not None:
+            new = graph.call_function(aten.permute.default, (new, list(site.output_perm)))
+        if site.output_dtype is not None and site.output_dtype != site.dtype:
+            new = graph.call_function(aten.to.dtype, (new, getattr(torch, site.output_dtype)))
+    old.replace_all_uses_with(new)
+    return Splice(site, old, new, call)
+
+
+def _is_impure(node: fx.Node) -> bool:
+    """Seeded-random ops (SDPA, dropout) count as pure here: a replaced site's dead original
+    must go, and its randomness is not observable once nothing reads it."""
+    if node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload):
+        return node.target._schema.is_mutable
+    return node.is_impure()
+
+
+def finish(gm: fx.GraphModule) -> None:
+    """Drop what the spliced sites left dead and regenerate the module's code."""
+    gm.graph.eliminate_dead_code(is_impure_node=_is_impure)
+    gm.graph.lint()
+    gm.recompile()

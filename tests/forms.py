@@ -1,0 +1,424 @@
+"""A catalogue of hand-written attention forms: each a small module, its inputs, and how many
+sites attnopt must rewrite in it (0 for the forms that must NOT be rewritten)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+B, N, M, C, H, D = 2, 12, 10, 32, 4, 8
+SCALE = 1.0 / math.sqrt(D)
+
+
+class Attention(nn.Module):
+    """Projections to BHSD q, k, v, then ``body(self, q, k, v, *extra)``, then back to (B, N, C).
+
+    ``kv_heads`` < ``H`` gives GQA/MQA-shaped k, v; ``cross`` takes keys from a second input.
+    """
+
+    def __init__(self, body: Callable, kv_heads: int = H, buffers: dict | None = None, params: dict | None = None):
+        super().__init__()
+        self.body = body
+        self.kv_heads = kv_heads
+        self.q = nn.Linear(C, H * D)
+        self.k = nn.Linear(C, kv_heads * D)
+        self.v = nn.Linear(C, kv_heads * D)
+        self.o = nn.Linear(H * D, C)
+        for name, value in (buffers or {}).items():
+            self.register_buffer(name, value)
+        for name, value in (params or {}).items():
+            setattr(self, name, value)
+
+    def heads(self, x: torch.Tensor, proj: nn.Linear, heads: int) -> torch.Tensor:
+        b, n, _ = x.shape
+        return proj(x).view(b, n, heads, D).transpose(1, 2)
+
+    def forward(self, x: torch.Tensor, *extra: torch.Tensor) -> torch.Tensor:
+        ctx = extra[0] if extra and extra[0].dim() == 3 and extra[0].is_floating_point() and extra[0].shape[-1] == C else x
+        rest = extra[1:] if ctx is not x else extra
+        q = self.heads(x, self.q, H)
+        k = self.heads(ctx, self.k, self.kv_heads)
+        v = self.heads(ctx, self.v, self.kv_heads)
+        y = self.body(self, q, k, v, *rest)
+        b, n = x.shape[:2]
+        return self.o(y.transpose(1, 2).reshape(b, n, H * D))
+
+
+@dataclass
+class Form:
+    name: str
+    make: Callable[[], nn.Module]
+    inputs: Callable[[], tuple]
+    sites: int
+    mask: str | None = None  # expected mask kind of every site, when checked
+
+
+def x_in() -> tuple:
+    return (torch.randn(B, N, C),)
+
+
+def _sm(s: torch.Tensor) -> torch.Tensor:
+    return s.softmax(dim=-1)
+
+
+def causal_additive(n: int, m: int) -> torch.Tensor:
+    return torch.triu(torch.full((n, m), float("-inf")), diagonal=1)
+
+
+FORMS: list[Form] = []
+
+
+def form(name: str, sites: int = 1, inputs: Callable = x_in, mask: str | None = None, **kw):
+    """Register ``body`` as a form named ``name``."""
+
+    def register(body: Callable) -> Callable:
+        FORMS.append(Form(name, lambda: Attention(body, **kw).eval(), inputs, sites, mask))
+        return body
+
+    return register
+
+
+# -- products and scales --------------------------------------------------------------------
+form("matmul_op_mul_scale", mask="none")(lambda m, q, k, v: _sm((q @ k.transpose(-2, -1)) * SCALE) @ v)
+form("torch_matmul_div_scale")(lambda m, q, k, v: torch.matmul(_sm(torch.matmul(q, k.transpose(2, 3)) / math.sqrt(D)), v))
+form("prescaled_q")(lambda m, q, k, v: _sm((q * SCALE) @ k.transpose(-2, -1)) @ v)
+form("prescaled_k")(lambda m, q, k, v: _sm(q @ (k * SCALE).transpose(-2, -1)) @ v)
+form("prescaled_k_after_transpose")(lambda m, q, k, v: _sm(q @ (k.transpose(-2, -1) * SCALE)) @ v)
+form("split_sqrt_scale")(lambda m, q, k, v: _sm((q * SCALE**0.5) @ (k * SCALE**0.5).transpose(-2, -1)) @ v)
+form("no_scale")(lambda m, q, k, v: _sm(q @ k.transpose(-2, -1)) @ v)
+form("scale_on_left")(lambda m, q, k, v: _sm(SCALE * (q @ k.transpose(-2, -1))) @ v)
+form("mT_transpose")(lambda m, q, k, v: _sm(q @ k.mT * SCALE) @ v)
+
+
+def _bmm(m, q, k, v):
+    b, h, n, d = q.shape
+    q3, k3, v3 = (t.reshape(b * h, t.shape[2], d) for t in (q, k, v))
+    return torch.bmm(_sm(torch.bmm(q3, k3.transpose(1, 2)) * SCALE), v3).view(b, h, n, d)
+
+
+form("bmm_3d")(_bmm)
+form("einsum_bhsd")(lambda m, q, k, v: torch.einsum("bhnm,bhmd->bhnd", _sm(torch.einsum("bhnd,bhmd->bhnm", q, k) * SCALE), v))
+
+
+def _einsum_bshd(m, q, k, v):
+    qs, ks, vs = (t.transpose(1, 2) for t in (q, k, v))  # (B, S, H, D)
+    p = _sm(torch.einsum("bnhd,bmhd->bhnm", qs, ks) * SCALE)
+    return torch.einsum("bhnm,bmhd->bnhd", p, vs).transpose(1, 2)
+
+
+form("einsum_bshd")(_einsum_bshd)
+
+
+def _baddbmm(m, q, k, v):
+    b, h, n, d = q.shape
+    q3, k3, v3 = (t.reshape(b * h, t.shape[2], d) for t in (q, k, v))
+    zeros = torch.zeros(b * h, n, k3.shape[1])
+    scores = torch.baddbmm(zeros, q3, k3.transpose(1, 2), beta=0.0, alpha=SCALE)
+    return torch.bmm(_sm(scores), v3).view(b, h, n, d)
+
+
+form("baddbmm_alpha_scale")(_baddbmm)
+
+
+def _baddbmm_mask(m, q, k, v, mask):
+    b, h, n, d = q.shape
+    q3, k3, v3 = (t.reshape(b * h, t.shape[2], d) for t in (q, k, v))
+    bias = mask.expand(b, h, n, k3.shape[1]).reshape(b * h, n, k3.shape[1])
+    return torch.bmm(_sm(torch.baddbmm(bias, q3, k3.transpose(1, 2), alpha=SCALE)), v3).view(b, h, n, d)
+
+
+def x_and_padding() -> tuple:
+    keep = torch.ones(B, N, dtype=torch.bool)
+    keep[0, -3:] = False
+    additive = torch.zeros(B, 1, 1, N).masked_fill(~keep[:, None, None, :], torch.finfo(torch.float32).min)
+    return torch.randn(B, N, C), additive
+
+
+form("baddbmm_additive_mask", inputs=x_and_padding, mask="additive")(_baddbmm_mask)
+
+# -- masks ----------------------------------------------------------------------------------
+form("additive_padding_mask", inputs=x_and_padding, mask="additive")(lambda m, q, k, v, a: _sm(q @ k.transpose(-2, -1) * SCALE + a) @ v)
+form("additive_mask_before_scale", inputs=x_and_padding, mask="additive")(lambda m, q, k, v, a: _sm((q @ k.transpose(-2, -1) + a) * SCALE) @ v)
+form("additive_2d_bias", mask="additive", buffers={"bias2d": torch.randn(N, N)})(lambda m, q, k, v: _sm(q @ k.transpose(-2, -1) * SCALE + m.bias2d) @ v)
+
+
+def x_and_bool() -> tuple:
+    keep = torch.rand(B, 1, N, N) > 0.3
+    keep[..., 0] = True
+    return torch.randn(B, N, C), keep
+
+
+form("bool_mask_masked_fill", inputs=x_and_bool, mask="boolean")(lambda m, q, k, v, keep: _sm((q @ k.transpose(-2, -1) * SCALE).masked_fill(~keep, float("-inf"))) @ v)
+form("bool_mask_where", inputs=x_and_bool, mask="boolean")(lambda m, q, k, v, keep: _sm(torch.where(keep, q @ k.transpose(-2, -1) * SCALE, float("-inf"))) @ v)
+form("bool_mask_finfo_min_fill", inputs=x_and_bool, mask="boolean")(lambda m, q, k, v, keep: _sm((q @ k.transpose(-2, -1) * SCALE).masked_fill(keep.logical_not(), torch.finfo(torch.float32).min)) @ v)
+form("bool_mask_fill_before_scale", inputs=x_and_bool, mask="boolean")(lambda m, q, k, v, keep: _sm((q @ k.transpose(-2, -1)).masked_fill(~keep, -1e9) * SCALE) @ v)
+
+
+def _causal_triu(m, q, k, v):
+    n = q.shape[-2]
+    return _sm(q @ k.transpose(-2, -1) * SCALE + causal_additive(n, n)) @ v
+
+
+form("causal_triu_additive", mask="causal")(_causal_triu)
+
+
+def _causal_tril_fill(m, q, k, v):
+    n = q.shape[-2]
+    tril = torch.tril(torch.ones(n, n))
+    return _sm((q @ k.transpose(-2, -1) * SCALE).masked_fill(tril == 0, float("-inf"))) @ v
+
+
+form("causal_tril_eq0", mask="causal")(_causal_tril_fill)
+
+
+def _causal_tril_bool(m, q, k, v):
+    n = q.shape[-2]
+    keep = torch.ones(n, n, dtype=torch.bool).tril()
+    return _sm((q @ k.transpose(-2, -1) * SCALE).masked_fill(~keep, float("-inf"))) @ v
+
+
+form("causal_tril_bool_not", mask="causal")(_causal_tril_bool)
+
+
+def _causal_arange(m, q, k, v):
+    n = q.shape[-2]
+    pos = torch.arange(n)
+    keep = pos[:, None] >= pos[None, :]
+    return _sm(torch.where(keep, q @ k.transpose(-2, -1) * SCALE, float("-inf"))) @ v
+
+
+form("causal_arange_compare", mask="causal")(_causal_arange)
+
+
+def _causal_buffer(m, q, k, v):
+    n = q.shape[-2]
+    s = (q @ k.transpose(-2, -1)) * SCALE
+    s = s.masked_fill(m.tri[:, :, :n, :n] == 0, float("-inf"))
+    return F.softmax(s, dim=-1) @ v
+
+
+form("causal_buffer_slice_nanogpt", mask="causal", buffers={"tri": torch.tril(torch.ones(32, 32)).view(1, 1, 32, 32)})(_causal_buffer)
+
+
+def _causal_buffer_gpt2(m, q, k, v):
+    n, mm = q.shape[-2], k.shape[-2]
+    keep = m.tri_bool[:, :, mm - n : mm, :mm]
+    s = torch.where(keep, q @ k.transpose(-2, -1) / math.sqrt(D), torch.finfo(torch.float32).min)
+    return nn.functional.softmax(s, dim=-1) @ v
+
+
+form("causal_buffer_slice_gpt2", mask="causal", buffers={"tri_bool": torch.tril(torch.ones(32, 32, dtype=torch.bool)).view(1, 1, 32, 32)})(_causal_buffer_gpt2)
+
+
+def _sliding_window(m, q, k, v):
+    n = q.shape[-2]
+    ones = torch.ones(n, n, dtype=torch.bool)
+    band = torch.tril(ones) & torch.triu(ones, diagonal=-3)
+    return _sm((q @ k.transpose(-2, -1) * SCALE).masked_fill(~band, float("-inf"))) @ v
+
+
+form("sliding_window_band", mask="boolean")(_sliding_window)
+
+
+def _alibi(m, q, k, v):
+    n = q.shape[-2]
+    pos = torch.arange(n)
+    distance = (pos[None, :] - pos[:, None]).float()
+    bias = m.slopes.view(1, H, 1, 1) * distance
+    return _sm(q @ k.transpose(-2, -1) * SCALE + bias + causal_additive(n, n)) @ v
+
+
+form("alibi_bias_plus_causal", buffers={"slopes": torch.tensor([2.0 ** (-i) for i in range(1, H + 1)])})(_alibi)
+
+
+def _relative_bias(m, q, k, v):
+    n = q.shape[-2]
+    pos = torch.arange(n)
+    rel = (pos[None, :] - pos[:, None]).clamp(-8, 8) + 8
+    bias = m.rel_emb(rel).permute(2, 0, 1).unsqueeze(0)  # (1, H, N, N), learned
+    return _sm(q @ k.transpose(-2, -1) + bias) @ v
+
+
+form("t5_relative_position_bias", mask="additive", params={"rel_emb": nn.Embedding(17, H)})(_relative_bias)
+
+# -- softmax spellings ---------------------------------------------------------------------
+form("softmax_fp32_casts")(lambda m, q, k, v: (q @ k.transpose(-2, -1) * SCALE).float().softmax(-1).to(q.dtype) @ v)
+form("softmax_dtype_arg")(lambda m, q, k, v: F.softmax(q @ k.transpose(-2, -1) * SCALE, dim=-1, dtype=torch.float32).type_as(q) @ v)
+form("nn_softmax_module", params={"softmax": nn.Softmax(dim=-1)})(lambda m, q, k, v: m.softmax(q @ k.transpose(-2, -1) * SCALE) @ v)
+
+
+def _manual_softmax(m, q, k, v):
+    s = q @ k.transpose(-2, -1) * SCALE
+    e = torch.exp(s - s.max(dim=-1, keepdim=True)[0])
+    return (e / e.sum(dim=-1, keepdim=True)) @ v
+
+
+form("manual_stable_softmax")(_manual_softmax)
+
+
+def _manual_softmax_amax(m, q, k, v):
+    s = q @ k.transpose(-2, -1) * SCALE
+    e = (s - s.amax(-1, keepdim=True)).exp()
+    return (e / e.sum(-1, keepdim=True)) @ v
+
+
+form("manual_softmax_amax")(_manual_softmax_amax)
+form("dropout_module_eval", params={"drop": nn.Dropout(0.1)})(lambda m, q, k, v: m.drop(_sm(q @ k.transpose(-2, -1) * SCALE)) @ v)
+form("dropout_p0_functional")(lambda m, q, k, v: F.dropout(_sm(q @ k.transpose(-2, -1) * SCALE), p=0.0, training=True) @ v)
+
+# -- GQA / MQA and layouts ------------------------------------------------------------------
+form("gqa_repeat_interleave", kv_heads=2)(lambda m, q, k, v: _sm(q @ k.repeat_interleave(2, dim=1).transpose(-2, -1) * SCALE) @ v.repeat_interleave(2, dim=1))
+
+
+def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    b, hk, s, d = x.shape
+    return x[:, :, None, :, :].expand(b, hk, n_rep, s, d).reshape(b, hk * n_rep, s, d)
+
+
+form("gqa_repeat_kv_expand", kv_heads=2)(lambda m, q, k, v: _sm(q @ repeat_kv(k, 2).transpose(2, 3) * SCALE) @ repeat_kv(v, 2))
+form("mqa_broadcast", kv_heads=1)(lambda m, q, k, v: _sm(q @ k.transpose(-2, -1) * SCALE) @ v)
+
+
+def _gqa_5d(m, q, k, v):
+    b, h, n, d = q.shape
+    q5 = q.view(b, 2, h // 2, n, d)
+    k5, v5 = k.unsqueeze(2), v.unsqueeze(2)
+    return (_sm(q5 @ k5.transpose(-2, -1) * SCALE) @ v5).view(b, h, n, d)
+
+
+form("gqa_5d_broadcast", kv_heads=2)(_gqa_5d)
+
+
+def _bshd(m, q, k, v):
+    qs, ks, vs = (t.transpose(1, 2) for t in (q, k, v))  # (B, S, H, D) as many models keep them
+    return _sm(qs.transpose(1, 2) @ ks.permute(0, 2, 3, 1) * SCALE) @ vs.transpose(1, 2)
+
+
+form("bshd_permuted_k")(_bshd)
+
+
+def _single_head_2d(m, q, k, v):
+    outs = [_sm(q[0, 0] @ k[0, 0].t() * SCALE) @ v[0, 0]]
+    return outs[0].expand(q.shape)
+
+
+form("single_head_2d")(_single_head_2d)
+
+# -- whole attention modules --------------------------------------------------------------
+
+
+class FusedQKV(nn.Module):
+    def __init__(self, split: str):
+        super().__init__()
+        self.split = split
+        self.qkv = nn.Linear(C, 3 * C)
+        self.proj = nn.Linear(C, C)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        if self.split == "unbind":
+            q, k, v = self.qkv(x).reshape(b, n, 3, H, D).permute(2, 0, 3, 1, 4).unbind(0)
+        else:
+            parts = self.qkv(x).chunk(3, dim=-1) if self.split == "chunk" else self.qkv(x).split(C, dim=2)
+            q, k, v = (t.view(b, n, H, D).transpose(1, 2) for t in parts)
+        y = _sm(q @ k.transpose(-2, -1) * SCALE) @ v
+        return self.proj(y.transpose(1, 2).reshape(b, n, C))
+
+
+for _split in ("unbind", "chunk", "split"):
+    FORMS.append(Form(f"fused_qkv_{_split}", lambda s=_split: FusedQKV(s).eval(), x_in, 1))
+
+
+def x_and_context() -> tuple:
+    return torch.randn(B, N, C), torch.randn(B, M, C)
+
+
+form("cross_attention", inputs=x_and_context)(lambda m, q, k, v: _sm(q @ k.transpose(-2, -1) * SCALE) @ v)
+form("sdpa_call")(lambda m, q, k, v: F.scaled_dot_product_attention(q, k, v))
+form("sdpa_causal", mask="causal")(lambda m, q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True))
+form("sdpa_gqa", kv_heads=2)(lambda m, q, k, v: F.scaled_dot_product_attention(q, k, v, enable_gqa=True))
+form("sdpa_additive_mask", inputs=x_and_padding, mask="additive")(lambda m, q, k, v, a: F.scaled_dot_product_attention(q, k, v, attn_mask=a))
+
+
+class MHA(nn.Module):
+    def __init__(self, need_weights: bool):
+        super().__init__()
+        self.need_weights = need_weights
+        self.mha = nn.MultiheadAttention(C, H, batch_first=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mha(x, x, x, need_weights=self.need_weights)[0]
+
+
+FORMS.append(Form("nn_multihead_attention", lambda: MHA(False).eval(), x_in, 1))
+FORMS.append(Form("nn_multihead_attention_weights_unused", lambda: MHA(True).eval(), x_in, 1))
+
+
+class TwoLayers(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = Attention(lambda m, q, k, v: _sm(q @ k.transpose(-2, -1) * SCALE) @ v)
+        self.b = Attention(_causal_triu)
+
+    def forward(self, x):
+        return self.b(x + self.a(x))
+
+
+FORMS.append(Form("two_layers", lambda: TwoLayers().eval(), x_in, 2))
+
+# -- guards: these must NOT be rewritten ---------------------------------------------------
+
+
+class ReturnsWeights(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inner = Attention(lambda m, q, k, v: q)
+
+    def forward(self, x):
+        q = self.inner.heads(x, self.inner.q, H)
+        k = self.inner.heads(x, self.inner.k, H)
+        v = self.inner.heads(x, self.inner.v, H)
+        p = _sm(q @ k.transpose(-2, -1) * SCALE)
+        return p @ v, p
+
+
+FORMS.append(Form("guard_returns_attention_weights", lambda: ReturnsWeights().eval(), x_in, 0))
+form("guard_per_head_tensor_scale", sites=0, params={"head_scale": nn.Parameter(torch.rand(H, 1, 1) + 0.5)})(lambda m, q, k, v: _sm(q @ k.transpose(-2, -1) * m.head_scale) @ v)
+form("guard_softmax_over_query_axis", sites=0)(lambda m, q, k, v: q.new_zeros(q.shape) + (_sm(q @ k.transpose(-2, -1)).softmax(-2) @ v))
+
+
+class MixedAxesKey(nn.Module):
+    """K permuted across batch and sequence axes (a cube, so every shape lines up)."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(D, D)
+
+    def forward(self, x):
+        q = k = v = self.proj(x)  # (D, D, D)
+        return _sm(q @ k.permute(2, 1, 0) * SCALE) @ v
+
+
+FORMS.append(Form("guard_k_permutation_not_last_two", lambda: MixedAxesKey().eval(), lambda: (torch.randn(D, D, D),), 0))
+form("guard_nonlinear_after_softmax", sites=0)(lambda m, q, k, v: torch.relu(_sm(q @ k.transpose(-2, -1) * SCALE) - 0.01) @ v)
+form("guard_square_of_weights", sites=0)(lambda m, q, k, v: (_sm(q @ k.transpose(-2, -1) * SCALE) ** 2) @ v)
+
+
+def x_and_int_mask() -> tuple:
+    return torch.randn(B, N, C), torch.randint(-1, 1, (B, 1, 1, N))
+
+
+form("guard_integer_additive_mask", sites=0, inputs=x_and_int_mask)(lambda m, q, k, v, im: _sm(q @ k.transpose(-2, -1) * SCALE + im) @ v)
+
+
+def _dropout_training():
+    model = Attention(lambda m, q, k, v: m.drop(_sm(q @ k.transpose(-2, -1) * SCALE)) @ v, params={"drop": nn.Dropout(0.1)})
+    return model.train()
+
+
+FORMS.append(Form("guard_dropout_in_training", _dropout_training, x_in, 0))
