@@ -320,14 +320,14 @@ def _sliced_buffer_band(view: GraphView, n: str, keep: bool) -> Band | None:
 def _positions(view: GraphView, n: Operand) -> tuple | None:
     """``(axis, offset, length)`` when ``n`` is an arange laid along axis -2 or -1."""
     n = _skip_identity(view, n)
-    axis_hint = None
-    while isinstance(n, str) and view.op(n) in ("unsqueeze", "reshape", "slice", "expand"):
-        shape = view.shape(n)
-        if shape is None:
-            return None
-        nontrivial = [i for i, s in enumerate(shape) if s != 1]
-        if len(nontrivial) == 1 and view.op(n) != "expand":
-            axis_hint = nontrivial[0] - len(shape)
+    shape = view.shape(n) if isinstance(n, str) else None
+    if shape is None:
+        return None
+    laid_along = [i - len(shape) for i, s in enumerate(shape) if s != 1]
+    if len(laid_along) != 1:
+        return None
+    axis_hint = laid_along[0]
+    while isinstance(n, str) and view.op(n) in ("unsqueeze", "reshape", "slice"):
         if view.op(n) == "slice" and view.attrs(n)["start"] not in (None, 0):
             return None
         n = view.operands(n)[0]

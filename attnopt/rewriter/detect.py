@@ -257,12 +257,14 @@ def _split_qk(view: GraphView, matmul: str) -> tuple[TracedOperand, TracedOperan
     kt_perm = kt.perm or tuple(range(rank_b))
     k_perm = (*kt_perm[:-2], kt_perm[-1], kt_perm[-2])
     q_perm = q.perm or tuple(range(rank_a))
-    identity_k = k_perm == tuple(range(rank_b))
-    if not (k_perm == q_perm or (identity_k and q.perm is None)):
+    # Both contract over their source's last axis (the head dim every projection puts last);
+    # a permutation that moves another axis there mixes heads, batch or positions into it.
+    if k_perm[-1] != rank_b - 1 or q_perm[-1] != rank_a - 1:
         raise _Miss(
             f"the key operand is not K with its last two axes swapped (permutation {kt_perm})",
             matmul,
         )
+    identity_k = k_perm == tuple(range(rank_b))
     for traced in (q, kt):
         if not view.is_real(traced.source):
             raise _Miss("Q or K is an intermediate of a fused op", matmul)
