@@ -7,6 +7,7 @@ other batch sizes and sequence lengths; if that fails, a static export; if that 
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from dataclasses import dataclass, field
 from typing import Any
@@ -85,6 +86,19 @@ def _dynamic_shapes(bound: inspect.BoundArguments) -> dict:
     }
 
 
+def _has_unit_dim(inputs: Inputs) -> bool:
+    leaves = pytree.tree_leaves((inputs.args, inputs.kwargs))
+    return any(isinstance(t, torch.Tensor) and 1 in t.shape for t in leaves)
+
+
+def _sizes_of_one_stay_dynamic(enabled: bool):
+    """Export specialises dims of size 1 (a batch of one would pin the batch); size-oblivious
+    reasoning keeps them symbolic. Validation at the example still checks the result."""
+    if not enabled:
+        return contextlib.nullcontext()
+    return torch.fx.experimental._config.patch(backed_size_oblivious=True)
+
+
 def _first_line(err: BaseException) -> str:
     text = str(err).strip().splitlines()
     return f"{type(err).__name__}: {text[0] if text else ''}"
@@ -96,13 +110,14 @@ def capture(model: nn.Module, inputs: Inputs) -> Capture:
     failures = []
     for dynamic in (True, False):
         try:
-            program = torch.export.export(
-                model,
-                inputs.args,
-                inputs.kwargs,
-                dynamic_shapes=_dynamic_shapes(bound) if dynamic else None,
-                strict=False,
-            )
+            with _sizes_of_one_stay_dynamic(dynamic and _has_unit_dim(inputs)):
+                program = torch.export.export(
+                    model,
+                    inputs.args,
+                    inputs.kwargs,
+                    dynamic_shapes=_dynamic_shapes(bound) if dynamic else None,
+                    strict=False,
+                )
             gm = program.module()
             return _exported(gm, program, dynamic)
         except Exception as err:  # noqa: BLE001 - every export failure means: try the next way
