@@ -17,7 +17,6 @@ from attnopt.rewriter.detect import Detection, detect
 from attnopt.rewriter.fx_frontend import graph_view
 from attnopt.rewriter.fx_rewrite import Splice, finish, splice
 from attnopt.rewriter.graph import GraphView
-from attnopt.rewriter.site import AttentionSite
 from attnopt.targets import resolve
 from attnopt.validate import compare_outputs, max_error, tolerance_for
 
@@ -113,18 +112,23 @@ def optimize(
     report = _base_report(model, captured, found, resolved.name)
     gm = captured.gm
     splices: list[tuple[SiteReport, Splice]] = []
-    for choice, site_report in zip(plan(found.sites, variants, resolved), report.sites, strict=True):
+    for choice, site_report in zip(
+        plan(found.sites, variants, resolved), report.sites, strict=True
+    ):
         if choice.chosen is None:
             site_report.status, site_report.reason = "skipped", "; ".join(choice.reasons)
             continue
         site_report.variant = choice.chosen.name
-        splices.append((site_report, splice(gm, view, choice.site, choice.chosen.replacement(choice.site))))
+        splices.append(
+            (site_report, splice(gm, view, choice.site, choice.chosen.replacement(choice.site)))
+        )
     gm.recompile()
-    _validate_sites(gm, inputs, splices, tolerance)
+    result = _validate_sites(gm, inputs, splices, tolerance)
     finish(gm)
     optimized = OptimizedModule(gm, report)
-    with torch.no_grad():
-        result = optimized(*inputs.args, **inputs.kwargs)
+    if result is None or any(r.status == "restored" for r, _ in splices):
+        with torch.no_grad():
+            result = optimized(*inputs.args, **inputs.kwargs)
     report.output_error = compare_outputs(result, reference)
     live = [(r, s) for r, s in splices if r.status == "rewritten"]
     model_tol = tolerance_for(_main_dtype(reference), tolerance) * max(1, len(live))
@@ -132,7 +136,9 @@ def optimize(
         for site_report, spliced in live:
             spliced.restore()
             site_report.status = "restored"
-            site_report.reason = f"model output error {report.output_error:.2e} above {model_tol:.0e}"
+            site_report.reason = (
+                f"model output error {report.output_error:.2e} above {model_tol:.0e}"
+            )
         finish(gm)
         report.output_error = compare_outputs(optimized(*inputs.args, **inputs.kwargs), reference)
     timings["total"] = time.perf_counter() - clock
@@ -156,11 +162,14 @@ def _record(key: int, value: torch.Tensor) -> None:
     _RECORDED[key] = value.detach()
 
 
-def _validate_sites(gm: fx.GraphModule, inputs: Inputs, splices: list, tolerance: float | None) -> None:
+def _validate_sites(
+    gm: fx.GraphModule, inputs: Inputs, splices: list, tolerance: float | None
+) -> Any:
     """Run the graph once with old and new site outputs both computed from the same inputs;
-    restore every site whose replacement disagrees."""
+    restore every site whose replacement disagrees. Returns the run's model output (that of the
+    rewritten model), or None when there was nothing to validate."""
     if not splices:
-        return
+        return None
     probes = []
     for index, (_, spliced) in enumerate(splices):
         for key, node in ((2 * index, spliced.old), (2 * index + 1, spliced.new)):
@@ -170,7 +179,7 @@ def _validate_sites(gm: fx.GraphModule, inputs: Inputs, splices: list, tolerance
     _RECORDED.clear()
     try:
         with torch.no_grad():
-            gm(*inputs.args, **inputs.kwargs)
+            result = gm(*inputs.args, **inputs.kwargs)
         for index, (site_report, spliced) in enumerate(splices):
             old, new = _RECORDED[2 * index], _RECORDED[2 * index + 1]
             err = max_error(new, old)
@@ -181,7 +190,10 @@ def _validate_sites(gm: fx.GraphModule, inputs: Inputs, splices: list, tolerance
             else:
                 spliced.restore()
                 site_report.status = "restored"
-                site_report.reason = f"error {err:.2e} above tolerance {tolerance_for(old.dtype, tolerance):.0e}"
+                site_report.reason = (
+                    f"error {err:.2e} above tolerance {tolerance_for(old.dtype, tolerance):.0e}"
+                )
+        return result
     finally:
         for probe in probes:
             gm.graph.erase_node(probe)

@@ -57,7 +57,9 @@ class Report:
         for site in self.sites:
             err = "" if site.max_error is None else f"{site.max_error:.2e}"
             status = site.status if not site.reason else f"{site.status}: {site.reason}"
-            table.add_row(site.location, site.signature, site.mask, site.variant or "-", status, err)
+            table.add_row(
+                site.location, site.signature, site.mask, site.variant or "-", status, err
+            )
         for miss in self.near_misses:
             table.add_row(miss.location, "-", "-", "-", f"near miss: {miss.rule}", "")
         return table

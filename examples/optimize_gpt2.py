@@ -30,8 +30,15 @@ def main() -> None:
     console = Console()
     torch.manual_seed(0)
     config = GPT2Config(
-        n_layer=4, n_embd=256, n_head=8, n_positions=1024, vocab_size=1000,
-        bos_token_id=0, eos_token_id=0, attn_implementation="eager", use_cache=False,
+        n_layer=4,
+        n_embd=256,
+        n_head=8,
+        n_positions=1024,
+        vocab_size=1000,
+        bos_token_id=0,
+        eos_token_id=0,
+        attn_implementation="eager",
+        use_cache=False,
     )
     model = GPT2LMHeadModel(config).eval()
     example = {"input_ids": torch.randint(0, 1000, (2, 128))}

@@ -21,7 +21,13 @@ class Attention(nn.Module):
     ``kv_heads`` < ``H`` gives GQA/MQA-shaped k, v; ``cross`` takes keys from a second input.
     """
 
-    def __init__(self, body: Callable, kv_heads: int = H, buffers: dict | None = None, params: dict | None = None):
+    def __init__(
+        self,
+        body: Callable,
+        kv_heads: int = H,
+        buffers: dict | None = None,
+        params: dict | None = None,
+    ):
         super().__init__()
         self.body = body
         self.kv_heads = kv_heads
@@ -39,7 +45,14 @@ class Attention(nn.Module):
         return proj(x).view(b, n, heads, D).transpose(1, 2)
 
     def forward(self, x: torch.Tensor, *extra: torch.Tensor) -> torch.Tensor:
-        ctx = extra[0] if extra and extra[0].dim() == 3 and extra[0].is_floating_point() and extra[0].shape[-1] == C else x
+        ctx = (
+            extra[0]
+            if extra
+            and extra[0].dim() == 3
+            and extra[0].is_floating_point()
+            and extra[0].shape[-1] == C
+            else x
+        )
         rest = extra[1:] if ctx is not x else extra
         q = self.heads(x, self.q, H)
         k = self.heads(ctx, self.k, self.kv_heads)
@@ -84,12 +97,18 @@ def form(name: str, sites: int = 1, inputs: Callable = x_in, mask: str | None = 
 
 
 # -- products and scales --------------------------------------------------------------------
-form("matmul_op_mul_scale", mask="none")(lambda m, q, k, v: _sm((q @ k.transpose(-2, -1)) * SCALE) @ v)
-form("torch_matmul_div_scale")(lambda m, q, k, v: torch.matmul(_sm(torch.matmul(q, k.transpose(2, 3)) / math.sqrt(D)), v))
+form("matmul_op_mul_scale", mask="none")(
+    lambda m, q, k, v: _sm((q @ k.transpose(-2, -1)) * SCALE) @ v
+)
+form("torch_matmul_div_scale")(
+    lambda m, q, k, v: torch.matmul(_sm(torch.matmul(q, k.transpose(2, 3)) / math.sqrt(D)), v)
+)
 form("prescaled_q")(lambda m, q, k, v: _sm((q * SCALE) @ k.transpose(-2, -1)) @ v)
 form("prescaled_k")(lambda m, q, k, v: _sm(q @ (k * SCALE).transpose(-2, -1)) @ v)
 form("prescaled_k_after_transpose")(lambda m, q, k, v: _sm(q @ (k.transpose(-2, -1) * SCALE)) @ v)
-form("split_sqrt_scale")(lambda m, q, k, v: _sm((q * SCALE**0.5) @ (k * SCALE**0.5).transpose(-2, -1)) @ v)
+form("split_sqrt_scale")(
+    lambda m, q, k, v: _sm((q * SCALE**0.5) @ (k * SCALE**0.5).transpose(-2, -1)) @ v
+)
 form("no_scale")(lambda m, q, k, v: _sm(q @ k.transpose(-2, -1)) @ v)
 form("scale_on_left")(lambda m, q, k, v: _sm(SCALE * (q @ k.transpose(-2, -1))) @ v)
 form("mT_transpose")(lambda m, q, k, v: _sm(q @ k.mT * SCALE) @ v)
@@ -102,7 +121,11 @@ def _bmm(m, q, k, v):
 
 
 form("bmm_3d")(_bmm)
-form("einsum_bhsd")(lambda m, q, k, v: torch.einsum("bhnm,bhmd->bhnd", _sm(torch.einsum("bhnd,bhmd->bhnm", q, k) * SCALE), v))
+form("einsum_bhsd")(
+    lambda m, q, k, v: torch.einsum(
+        "bhnm,bhmd->bhnd", _sm(torch.einsum("bhnd,bhmd->bhnm", q, k) * SCALE), v
+    )
+)
 
 
 def _einsum_bshd(m, q, k, v):
@@ -129,22 +152,32 @@ def _baddbmm_mask(m, q, k, v, mask):
     b, h, n, d = q.shape
     q3, k3, v3 = (t.reshape(b * h, t.shape[2], d) for t in (q, k, v))
     bias = mask.expand(b, h, n, k3.shape[1]).reshape(b * h, n, k3.shape[1])
-    return torch.bmm(_sm(torch.baddbmm(bias, q3, k3.transpose(1, 2), alpha=SCALE)), v3).view(b, h, n, d)
+    return torch.bmm(_sm(torch.baddbmm(bias, q3, k3.transpose(1, 2), alpha=SCALE)), v3).view(
+        b, h, n, d
+    )
 
 
 def x_and_padding() -> tuple:
     keep = torch.ones(B, N, dtype=torch.bool)
     keep[0, -3:] = False
-    additive = torch.zeros(B, 1, 1, N).masked_fill(~keep[:, None, None, :], torch.finfo(torch.float32).min)
+    additive = torch.zeros(B, 1, 1, N).masked_fill(
+        ~keep[:, None, None, :], torch.finfo(torch.float32).min
+    )
     return torch.randn(B, N, C), additive
 
 
 form("baddbmm_additive_mask", inputs=x_and_padding, mask="additive")(_baddbmm_mask)
 
 # -- masks ----------------------------------------------------------------------------------
-form("additive_padding_mask", inputs=x_and_padding, mask="additive")(lambda m, q, k, v, a: _sm(q @ k.transpose(-2, -1) * SCALE + a) @ v)
-form("additive_mask_before_scale", inputs=x_and_padding, mask="additive")(lambda m, q, k, v, a: _sm((q @ k.transpose(-2, -1) + a) * SCALE) @ v)
-form("additive_2d_bias", mask="additive", buffers={"bias2d": torch.randn(N, N)})(lambda m, q, k, v: _sm(q @ k.transpose(-2, -1) * SCALE + m.bias2d) @ v)
+form("additive_padding_mask", inputs=x_and_padding, mask="additive")(
+    lambda m, q, k, v, a: _sm(q @ k.transpose(-2, -1) * SCALE + a) @ v
+)
+form("additive_mask_before_scale", inputs=x_and_padding, mask="additive")(
+    lambda m, q, k, v, a: _sm((q @ k.transpose(-2, -1) + a) * SCALE) @ v
+)
+form("additive_2d_bias", mask="additive", buffers={"bias2d": torch.randn(N, N)})(
+    lambda m, q, k, v: _sm(q @ k.transpose(-2, -1) * SCALE + m.bias2d) @ v
+)
 
 
 def x_and_bool() -> tuple:
@@ -153,10 +186,29 @@ def x_and_bool() -> tuple:
     return torch.randn(B, N, C), keep
 
 
-form("bool_mask_masked_fill", inputs=x_and_bool, mask="boolean")(lambda m, q, k, v, keep: _sm((q @ k.transpose(-2, -1) * SCALE).masked_fill(~keep, float("-inf"))) @ v)
-form("bool_mask_where", inputs=x_and_bool, mask="boolean")(lambda m, q, k, v, keep: _sm(torch.where(keep, q @ k.transpose(-2, -1) * SCALE, float("-inf"))) @ v)
-form("bool_mask_finfo_min_fill", inputs=x_and_bool, mask="boolean")(lambda m, q, k, v, keep: _sm((q @ k.transpose(-2, -1) * SCALE).masked_fill(keep.logical_not(), torch.finfo(torch.float32).min)) @ v)
-form("bool_mask_fill_before_scale", inputs=x_and_bool, mask="boolean")(lambda m, q, k, v, keep: _sm((q @ k.transpose(-2, -1)).masked_fill(~keep, -1e9) * SCALE) @ v)
+form("bool_mask_masked_fill", inputs=x_and_bool, mask="boolean")(
+    lambda m, q, k, v, keep: (
+        _sm((q @ k.transpose(-2, -1) * SCALE).masked_fill(~keep, float("-inf"))) @ v
+    )
+)
+form("bool_mask_where", inputs=x_and_bool, mask="boolean")(
+    lambda m, q, k, v, keep: (
+        _sm(torch.where(keep, q @ k.transpose(-2, -1) * SCALE, float("-inf"))) @ v
+    )
+)
+form("bool_mask_finfo_min_fill", inputs=x_and_bool, mask="boolean")(
+    lambda m, q, k, v, keep: (
+        _sm(
+            (q @ k.transpose(-2, -1) * SCALE).masked_fill(
+                keep.logical_not(), torch.finfo(torch.float32).min
+            )
+        )
+        @ v
+    )
+)
+form("bool_mask_fill_before_scale", inputs=x_and_bool, mask="boolean")(
+    lambda m, q, k, v, keep: _sm((q @ k.transpose(-2, -1)).masked_fill(~keep, -1e9) * SCALE) @ v
+)
 
 
 def _causal_triu(m, q, k, v):
@@ -202,7 +254,11 @@ def _causal_buffer(m, q, k, v):
     return F.softmax(s, dim=-1) @ v
 
 
-form("causal_buffer_slice_nanogpt", mask="causal", buffers={"tri": torch.tril(torch.ones(32, 32)).view(1, 1, 32, 32)})(_causal_buffer)
+form(
+    "causal_buffer_slice_nanogpt",
+    mask="causal",
+    buffers={"tri": torch.tril(torch.ones(32, 32)).view(1, 1, 32, 32)},
+)(_causal_buffer)
 
 
 def _causal_buffer_gpt2(m, q, k, v):
@@ -212,7 +268,11 @@ def _causal_buffer_gpt2(m, q, k, v):
     return nn.functional.softmax(s, dim=-1) @ v
 
 
-form("causal_buffer_slice_gpt2", mask="causal", buffers={"tri_bool": torch.tril(torch.ones(32, 32, dtype=torch.bool)).view(1, 1, 32, 32)})(_causal_buffer_gpt2)
+form(
+    "causal_buffer_slice_gpt2",
+    mask="causal",
+    buffers={"tri_bool": torch.tril(torch.ones(32, 32, dtype=torch.bool)).view(1, 1, 32, 32)},
+)(_causal_buffer_gpt2)
 
 
 def _sliding_window(m, q, k, v):
@@ -233,7 +293,10 @@ def _alibi(m, q, k, v):
     return _sm(q @ k.transpose(-2, -1) * SCALE + bias + causal_additive(n, n)) @ v
 
 
-form("alibi_bias_plus_causal", buffers={"slopes": torch.tensor([2.0 ** (-i) for i in range(1, H + 1)])})(_alibi)
+form(
+    "alibi_bias_plus_causal",
+    buffers={"slopes": torch.tensor([2.0 ** (-i) for i in range(1, H + 1)])},
+)(_alibi)
 
 
 def _relative_bias(m, q, k, v):
@@ -244,12 +307,22 @@ def _relative_bias(m, q, k, v):
     return _sm(q @ k.transpose(-2, -1) + bias) @ v
 
 
-form("t5_relative_position_bias", mask="additive", params={"rel_emb": nn.Embedding(17, H)})(_relative_bias)
+form("t5_relative_position_bias", mask="additive", params={"rel_emb": nn.Embedding(17, H)})(
+    _relative_bias
+)
 
 # -- softmax spellings ---------------------------------------------------------------------
-form("softmax_fp32_casts")(lambda m, q, k, v: (q @ k.transpose(-2, -1) * SCALE).float().softmax(-1).to(q.dtype) @ v)
-form("softmax_dtype_arg")(lambda m, q, k, v: F.softmax(q @ k.transpose(-2, -1) * SCALE, dim=-1, dtype=torch.float32).type_as(q) @ v)
-form("nn_softmax_module", params={"softmax": nn.Softmax(dim=-1)})(lambda m, q, k, v: m.softmax(q @ k.transpose(-2, -1) * SCALE) @ v)
+form("softmax_fp32_casts")(
+    lambda m, q, k, v: (q @ k.transpose(-2, -1) * SCALE).float().softmax(-1).to(q.dtype) @ v
+)
+form("softmax_dtype_arg")(
+    lambda m, q, k, v: (
+        F.softmax(q @ k.transpose(-2, -1) * SCALE, dim=-1, dtype=torch.float32).type_as(q) @ v
+    )
+)
+form("nn_softmax_module", params={"softmax": nn.Softmax(dim=-1)})(
+    lambda m, q, k, v: m.softmax(q @ k.transpose(-2, -1) * SCALE) @ v
+)
 
 
 def _manual_softmax(m, q, k, v):
@@ -268,11 +341,20 @@ def _manual_softmax_amax(m, q, k, v):
 
 
 form("manual_softmax_amax")(_manual_softmax_amax)
-form("dropout_module_eval", params={"drop": nn.Dropout(0.1)})(lambda m, q, k, v: m.drop(_sm(q @ k.transpose(-2, -1) * SCALE)) @ v)
-form("dropout_p0_functional")(lambda m, q, k, v: F.dropout(_sm(q @ k.transpose(-2, -1) * SCALE), p=0.0, training=True) @ v)
+form("dropout_module_eval", params={"drop": nn.Dropout(0.1)})(
+    lambda m, q, k, v: m.drop(_sm(q @ k.transpose(-2, -1) * SCALE)) @ v
+)
+form("dropout_p0_functional")(
+    lambda m, q, k, v: F.dropout(_sm(q @ k.transpose(-2, -1) * SCALE), p=0.0, training=True) @ v
+)
 
 # -- GQA / MQA and layouts ------------------------------------------------------------------
-form("gqa_repeat_interleave", kv_heads=2)(lambda m, q, k, v: _sm(q @ k.repeat_interleave(2, dim=1).transpose(-2, -1) * SCALE) @ v.repeat_interleave(2, dim=1))
+form("gqa_repeat_interleave", kv_heads=2)(
+    lambda m, q, k, v: (
+        _sm(q @ k.repeat_interleave(2, dim=1).transpose(-2, -1) * SCALE)
+        @ v.repeat_interleave(2, dim=1)
+    )
+)
 
 
 def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
@@ -280,7 +362,9 @@ def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
     return x[:, :, None, :, :].expand(b, hk, n_rep, s, d).reshape(b, hk * n_rep, s, d)
 
 
-form("gqa_repeat_kv_expand", kv_heads=2)(lambda m, q, k, v: _sm(q @ repeat_kv(k, 2).transpose(2, 3) * SCALE) @ repeat_kv(v, 2))
+form("gqa_repeat_kv_expand", kv_heads=2)(
+    lambda m, q, k, v: _sm(q @ repeat_kv(k, 2).transpose(2, 3) * SCALE) @ repeat_kv(v, 2)
+)
 form("mqa_broadcast", kv_heads=1)(lambda m, q, k, v: _sm(q @ k.transpose(-2, -1) * SCALE) @ v)
 
 
@@ -324,7 +408,11 @@ class FusedQKV(nn.Module):
         if self.split == "unbind":
             q, k, v = self.qkv(x).reshape(b, n, 3, H, D).permute(2, 0, 3, 1, 4).unbind(0)
         else:
-            parts = self.qkv(x).chunk(3, dim=-1) if self.split == "chunk" else self.qkv(x).split(C, dim=2)
+            parts = (
+                self.qkv(x).chunk(3, dim=-1)
+                if self.split == "chunk"
+                else self.qkv(x).split(C, dim=2)
+            )
             q, k, v = (t.view(b, n, H, D).transpose(1, 2) for t in parts)
         y = _sm(q @ k.transpose(-2, -1) * SCALE) @ v
         return self.proj(y.transpose(1, 2).reshape(b, n, C))
@@ -338,11 +426,19 @@ def x_and_context() -> tuple:
     return torch.randn(B, N, C), torch.randn(B, M, C)
 
 
-form("cross_attention", inputs=x_and_context)(lambda m, q, k, v: _sm(q @ k.transpose(-2, -1) * SCALE) @ v)
+form("cross_attention", inputs=x_and_context)(
+    lambda m, q, k, v: _sm(q @ k.transpose(-2, -1) * SCALE) @ v
+)
 form("sdpa_call")(lambda m, q, k, v: F.scaled_dot_product_attention(q, k, v))
-form("sdpa_causal", mask="causal")(lambda m, q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True))
-form("sdpa_gqa", kv_heads=2)(lambda m, q, k, v: F.scaled_dot_product_attention(q, k, v, enable_gqa=True))
-form("sdpa_additive_mask", inputs=x_and_padding, mask="additive")(lambda m, q, k, v, a: F.scaled_dot_product_attention(q, k, v, attn_mask=a))
+form("sdpa_causal", mask="causal")(
+    lambda m, q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True)
+)
+form("sdpa_gqa", kv_heads=2)(
+    lambda m, q, k, v: F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+)
+form("sdpa_additive_mask", inputs=x_and_padding, mask="additive")(
+    lambda m, q, k, v, a: F.scaled_dot_product_attention(q, k, v, attn_mask=a)
+)
 
 
 class MHA(nn.Module):
@@ -388,8 +484,14 @@ class ReturnsWeights(nn.Module):
 
 
 FORMS.append(Form("guard_returns_attention_weights", lambda: ReturnsWeights().eval(), x_in, 0))
-form("guard_per_head_tensor_scale", sites=0, params={"head_scale": nn.Parameter(torch.rand(H, 1, 1) + 0.5)})(lambda m, q, k, v: _sm(q @ k.transpose(-2, -1) * m.head_scale) @ v)
-form("guard_softmax_over_query_axis", sites=0)(lambda m, q, k, v: q.new_zeros(q.shape) + (_sm(q @ k.transpose(-2, -1)).softmax(-2) @ v))
+form(
+    "guard_per_head_tensor_scale",
+    sites=0,
+    params={"head_scale": nn.Parameter(torch.rand(H, 1, 1) + 0.5)},
+)(lambda m, q, k, v: _sm(q @ k.transpose(-2, -1) * m.head_scale) @ v)
+form("guard_softmax_over_query_axis", sites=0)(
+    lambda m, q, k, v: q.new_zeros(q.shape) + (_sm(q @ k.transpose(-2, -1)).softmax(-2) @ v)
+)
 
 
 class MixedAxesKey(nn.Module):
@@ -404,20 +506,36 @@ class MixedAxesKey(nn.Module):
         return _sm(q @ k.permute(2, 1, 0) * SCALE) @ v
 
 
-FORMS.append(Form("guard_k_permutation_not_last_two", lambda: MixedAxesKey().eval(), lambda: (torch.randn(D, D, D),), 0))
-form("guard_nonlinear_after_softmax", sites=0)(lambda m, q, k, v: torch.relu(_sm(q @ k.transpose(-2, -1) * SCALE) - 0.01) @ v)
-form("guard_square_of_weights", sites=0)(lambda m, q, k, v: (_sm(q @ k.transpose(-2, -1) * SCALE) ** 2) @ v)
+FORMS.append(
+    Form(
+        "guard_k_permutation_not_last_two",
+        lambda: MixedAxesKey().eval(),
+        lambda: (torch.randn(D, D, D),),
+        0,
+    )
+)
+form("guard_nonlinear_after_softmax", sites=0)(
+    lambda m, q, k, v: torch.relu(_sm(q @ k.transpose(-2, -1) * SCALE) - 0.01) @ v
+)
+form("guard_square_of_weights", sites=0)(
+    lambda m, q, k, v: (_sm(q @ k.transpose(-2, -1) * SCALE) ** 2) @ v
+)
 
 
 def x_and_int_mask() -> tuple:
     return torch.randn(B, N, C), torch.randint(-1, 1, (B, 1, 1, N))
 
 
-form("guard_integer_additive_mask", sites=0, inputs=x_and_int_mask)(lambda m, q, k, v, im: _sm(q @ k.transpose(-2, -1) * SCALE + im) @ v)
+form("guard_integer_additive_mask", sites=0, inputs=x_and_int_mask)(
+    lambda m, q, k, v, im: _sm(q @ k.transpose(-2, -1) * SCALE + im) @ v
+)
 
 
 def _dropout_training():
-    model = Attention(lambda m, q, k, v: m.drop(_sm(q @ k.transpose(-2, -1) * SCALE)) @ v, params={"drop": nn.Dropout(0.1)})
+    model = Attention(
+        lambda m, q, k, v: m.drop(_sm(q @ k.transpose(-2, -1) * SCALE)) @ v,
+        params={"drop": nn.Dropout(0.1)},
+    )
     return model.train()
 
 

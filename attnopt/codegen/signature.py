@@ -26,7 +26,9 @@ class KernelSignature:
     value_dim: int | None = None
 
     @classmethod
-    def of(cls, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask_kind: str) -> KernelSignature:
+    def of(
+        cls, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask_kind: str
+    ) -> KernelSignature:
         """The signature of a call in the kernels' 4-D layout."""
         return cls(
             head_dim=q.shape[-1],

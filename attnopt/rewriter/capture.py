@@ -81,9 +81,7 @@ def _auto_dims(value: Any) -> Any:
 
 
 def _dynamic_shapes(bound: inspect.BoundArguments) -> dict:
-    return {
-        name: pytree.tree_map(_auto_dims, value) for name, value in bound.arguments.items()
-    }
+    return {name: pytree.tree_map(_auto_dims, value) for name, value in bound.arguments.items()}
 
 
 def _has_unit_dim(inputs: Inputs) -> bool:
@@ -121,7 +119,9 @@ def capture(model: nn.Module, inputs: Inputs) -> Capture:
             gm = program.module()
             return _exported(gm, program, dynamic)
         except Exception as err:  # noqa: BLE001 - every export failure means: try the next way
-            failures.append(f"torch.export ({'dynamic' if dynamic else 'static'}): {_first_line(err)}")
+            failures.append(
+                f"torch.export ({'dynamic' if dynamic else 'static'}): {_first_line(err)}"
+            )
     try:
         return _traced(model, bound)
     except Exception as err:  # noqa: BLE001

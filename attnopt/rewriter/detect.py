@@ -119,7 +119,9 @@ def _walk_to_pv(view: GraphView, softmax: str, region: list[str]) -> tuple[str, 
     while True:
         users = view.users(cur)
         if len(users) != 1:
-            raise _Miss("attention weights are used outside the attention (returned or reused)", cur)
+            raise _Miss(
+                "attention weights are used outside the attention (returned or reused)", cur
+            )
         user = users[0]
         op = view.op(user)
         if op in _CAST_OPS:
@@ -353,7 +355,9 @@ def _skip_full_slices(view: GraphView, n: Operand) -> str | None:
         attrs = view.attrs(n)
         if attrs["start"] not in (None, 0) or attrs["step"] not in (None, 1):
             return None
-        if attrs["end"] is not None and not (isinstance(attrs["end"], int) and attrs["end"] >= 2**62):
+        if attrs["end"] is not None and not (
+            isinstance(attrs["end"], int) and attrs["end"] >= 2**62
+        ):
             return None
         n = view.operands(n)[0]
     return n if isinstance(n, str) else None

@@ -125,15 +125,28 @@ class _Builder:
 
     def emit(self, node: fx.Node, op: str, operands: list, **attrs: Any) -> None:
         self.view.add(
-            node.name, op, [self.operand(o) for o in operands], attrs=attrs,
-            shape=_shape(node), dtype=_dtype(node), handle=node, location=_location(node),
+            node.name,
+            op,
+            [self.operand(o) for o in operands],
+            attrs=attrs,
+            shape=_shape(node),
+            dtype=_dtype(node),
+            handle=node,
+            location=_location(node),
         )
 
     def virtual(self, node: fx.Node, op: str, operands: list, shape=None, **attrs: Any) -> str:
         """A view node that is part of ``node`` but not its final value."""
         return self.view.add(
-            self.view.fresh_id(node.name), op, [self.operand(o) for o in operands], attrs=attrs,
-            shape=shape, dtype=_dtype(node), handle=node, real=False, location=_location(node),
+            self.view.fresh_id(node.name),
+            op,
+            [self.operand(o) for o in operands],
+            attrs=attrs,
+            shape=shape,
+            dtype=_dtype(node),
+            handle=node,
+            real=False,
+            location=_location(node),
         )
 
     # -- the walk ------------------------------------------------------------------------------
@@ -244,7 +257,10 @@ def einsum_as_matmul(equation: str) -> tuple | None:
     free_c = [x for x in c if x not in a]
     if len(contracted) != 1 or len(free_a) != 1 or len(free_c) != 1:
         return None
-    if set(a) != set(batch) | {*contracted, *free_a} or set(c) != set(batch) | {*contracted, *free_c}:
+    if set(a) != set(batch) | {*contracted, *free_a} or set(c) != set(batch) | {
+        *contracted,
+        *free_c,
+    }:
         return None
     order_a = batch + free_a + contracted
     order_c = batch + contracted + free_c
@@ -268,7 +284,11 @@ def _transpose(b: _Builder, node: fx.Node) -> None:
         return
     perm = list(range(rank))
     if name == "permute":
-        dims = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], list | tuple) else node.args[1:]
+        dims = (
+            node.args[1]
+            if len(node.args) == 2 and isinstance(node.args[1], list | tuple)
+            else node.args[1:]
+        )
         perm = [d % rank for d in dims]
     elif name in ("t", "mT") or (len(node.args) < 3 and name != "permute"):
         perm[-2], perm[-1] = perm[-1], perm[-2]
@@ -305,7 +325,11 @@ def _softmax(b: _Builder, node: fx.Node) -> None:
     x = node.args[0]
     axis = module.dim if module is not None else b.arg(node, 1, "dim")
     dtype = None if module is not None else node.kwargs.get("dtype")
-    if source_op(node, b.gm) == "softmax" and len(node.args) > 2 and isinstance(node.args[2], torch.dtype):
+    if (
+        source_op(node, b.gm) == "softmax"
+        and len(node.args) > 2
+        and isinstance(node.args[2], torch.dtype)
+    ):
         dtype = node.args[2]
     rank = b.rank(x)
     if axis is None or rank is None:
@@ -329,9 +353,20 @@ def _cast(b: _Builder, node: fx.Node) -> None:
         if isinstance(a, torch.dtype):
             dtype = a
     name = source_op(node, b.gm)
-    fixed = {"float": torch.float32, "half": torch.float16, "bfloat16": torch.bfloat16, "double": torch.float64}
+    fixed = {
+        "float": torch.float32,
+        "half": torch.float16,
+        "bfloat16": torch.bfloat16,
+        "double": torch.float64,
+    }
     dtype = fixed.get(name, dtype)
-    if name == "type_as" or (dtype is None and name in ("to", "_to_copy") and node.kwargs.get("device") is None and len(node.args) > 1 and isinstance(node.args[1], fx.Node)):
+    if name == "type_as" or (
+        dtype is None
+        and name in ("to", "_to_copy")
+        and node.kwargs.get("device") is None
+        and len(node.args) > 1
+        and isinstance(node.args[1], fx.Node)
+    ):
         b.emit(node, "cast", [node.args[0]], to=_dtype(node))
         return
     if dtype is None:
@@ -378,7 +413,13 @@ def _scalar_tensor(b: _Builder, node: fx.Node) -> None:
 @_converts("full", "new_full", "full_like")
 def _full(b: _Builder, node: fx.Node) -> None:
     name = source_op(node, b.gm)
-    value = node.args[2] if name == "new_full" else node.args[1] if len(node.args) > 1 else node.kwargs.get("fill_value")
+    value = (
+        node.args[2]
+        if name == "new_full"
+        else node.args[1]
+        if len(node.args) > 1
+        else node.kwargs.get("fill_value")
+    )
     _emit_filled(b, node, value)
 
 
@@ -438,7 +479,15 @@ def _slice(b: _Builder, node: fx.Node) -> None:
     start, end = _size(b.arg(node, 2, "start")), _size(b.arg(node, 3, "end"))
     step = b.arg(node, 4, "step", 1)
     rank = b.rank(node)
-    b.emit(node, "slice", [node.args[0]], dim=dim % rank if rank else dim, start=start, end=end, step=step)
+    b.emit(
+        node,
+        "slice",
+        [node.args[0]],
+        dim=dim % rank if rank else dim,
+        start=start,
+        end=end,
+        step=step,
+    )
 
 
 @_converts(*_VIEWS)
@@ -479,12 +528,24 @@ def _reduce(b: _Builder, node: fx.Node) -> None:
         b.emit(node, "opaque", list(node.all_input_nodes), name=name)
         return
     op = "sum" if name == "sum" else "amax"
-    b.emit(node, op, [node.args[0]], axis=dim % rank, keepdim=bool(keepdim), returns_tuple=name == "max")
+    b.emit(
+        node,
+        op,
+        [node.args[0]],
+        axis=dim % rank,
+        keepdim=bool(keepdim),
+        returns_tuple=name == "max",
+    )
 
 
 @_converts("getitem")
 def _getitem(b: _Builder, node: fx.Node) -> None:
-    b.emit(node, "getitem", [node.args[0]], index=node.args[1] if not isinstance(node.args[1], fx.Node) else None)
+    b.emit(
+        node,
+        "getitem",
+        [node.args[0]],
+        index=node.args[1] if not isinstance(node.args[1], fx.Node) else None,
+    )
 
 
 @_converts("scaled_dot_product_attention")
@@ -492,7 +553,9 @@ def _sdpa(b: _Builder, node: fx.Node) -> None:
     q, k, v = node.args[:3]
     mask = b.arg(node, 3, "attn_mask")
     b.emit(
-        node, "sdpa", [q, k, v, mask],
+        node,
+        "sdpa",
+        [q, k, v, mask],
         dropout_p=float(b.arg(node, 4, "dropout_p", 0.0)),
         is_causal=bool(b.arg(node, 5, "is_causal", False)),
         scale=b.arg(node, 6, "scale"),

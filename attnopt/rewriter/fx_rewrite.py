@@ -55,11 +55,19 @@ def _mask(graph: fx.Graph, view: GraphView, site: AttentionSite) -> fx.Node | No
         if term.kind == "additive":
             if term.multiplier != 1.0:
                 value = graph.call_function(aten.mul.Tensor, (value, term.multiplier))
-            additive = value if additive is None else graph.call_function(aten.add.Tensor, (additive, value))
+            additive = (
+                value
+                if additive is None
+                else graph.call_function(aten.add.Tensor, (additive, value))
+            )
         else:
             if term.kind == "drop":
                 value = graph.call_function(aten.logical_not.default, (value,))
-            keep = value if keep is None else graph.call_function(aten.logical_and.default, (keep, value))
+            keep = (
+                value
+                if keep is None
+                else graph.call_function(aten.logical_and.default, (keep, value))
+            )
     if keep is not None and additive is not None:
         # only reached with fill == -inf (detection refuses other mixes)
         blocked = graph.call_function(aten.where.Scalar, (keep, 0.0, -math.inf))
@@ -67,7 +75,9 @@ def _mask(graph: fx.Graph, view: GraphView, site: AttentionSite) -> fx.Node | No
     return additive if additive is not None else keep
 
 
-def splice(gm: fx.GraphModule, view: GraphView, site: AttentionSite, replacement: Replacement) -> Splice:
+def splice(
+    gm: fx.GraphModule, view: GraphView, site: AttentionSite, replacement: Replacement
+) -> Splice:
     """Insert the replacement before the site's output and move the output's users onto it."""
     graph = gm.graph
     old = view.handle(site.output)
@@ -79,7 +89,17 @@ def splice(gm: fx.GraphModule, view: GraphView, site: AttentionSite, replacement
         attrs = replacement.attrs
         call = graph.call_function(
             _resolve_op(replacement.op),
-            (q, k, v, mask, attrs["scale"], attrs["causal"], attrs["window"], attrs["fill"], attrs["kv_group"]),
+            (
+                q,
+                k,
+                v,
+                mask,
+                attrs["scale"],
+                attrs["causal"],
+                attrs["window"],
+                attrs["fill"],
+                attrs["kv_group"],
+            ),
         )
         new = call
         if site.output_perm is not None:

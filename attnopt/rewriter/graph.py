@@ -50,7 +50,7 @@ class GraphView:
         real: bool = True,
         location: str = "",
     ) -> str:
-        """Add a node; edges run from each node operand to it (label ``index``: operand position)."""
+        """Add a node; edges run from each operand to it (edge label ``index``: position)."""
         self.g.add_node(
             node_id,
             op=op,

@@ -66,7 +66,13 @@ TARGETS: dict[str, Target] = {
     )
 }
 
-_GPU_NAMES = (("H100", "h100"), ("H200", "h200"), ("A100", "a100"), ("L4", "sm89"), ("4090", "sm89"))
+_GPU_NAMES = (
+    ("H100", "h100"),
+    ("H200", "h200"),
+    ("A100", "a100"),
+    ("L4", "sm89"),
+    ("4090", "sm89"),
+)
 
 
 def _cpu_flags() -> frozenset[str]:

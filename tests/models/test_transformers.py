@@ -18,12 +18,30 @@ def _ids(batch: int = BATCH, seq: int = SEQ) -> torch.Tensor:
 
 
 def gpt2():
-    config = transformers.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=VOCAB, n_positions=64, bos_token_id=0, eos_token_id=0, use_cache=False, attn_implementation="eager")
+    config = transformers.GPT2Config(
+        n_layer=2,
+        n_embd=64,
+        n_head=4,
+        vocab_size=VOCAB,
+        n_positions=64,
+        bos_token_id=0,
+        eos_token_id=0,
+        use_cache=False,
+        attn_implementation="eager",
+    )
     return transformers.GPT2LMHeadModel(config), lambda b, s: {"input_ids": _ids(b, s)}, 2
 
 
 def bert():
-    config = transformers.BertConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, intermediate_size=128, vocab_size=VOCAB, max_position_embeddings=64, attn_implementation="eager")
+    config = transformers.BertConfig(
+        num_hidden_layers=2,
+        hidden_size=64,
+        num_attention_heads=4,
+        intermediate_size=128,
+        vocab_size=VOCAB,
+        max_position_embeddings=64,
+        attn_implementation="eager",
+    )
 
     def inputs(b, s):
         mask = torch.ones(b, s, dtype=torch.long)
@@ -34,18 +52,55 @@ def bert():
 
 
 def llama_gqa():
-    config = transformers.LlamaConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128, vocab_size=VOCAB, max_position_embeddings=64, use_cache=False, attn_implementation="eager")
+    config = transformers.LlamaConfig(
+        num_hidden_layers=2,
+        hidden_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=128,
+        vocab_size=VOCAB,
+        max_position_embeddings=64,
+        use_cache=False,
+        attn_implementation="eager",
+    )
     return transformers.LlamaForCausalLM(config), lambda b, s: {"input_ids": _ids(b, s)}, 2
 
 
 def t5():
-    config = transformers.T5Config(num_layers=2, num_decoder_layers=2, d_model=64, d_kv=16, d_ff=128, num_heads=4, vocab_size=VOCAB, use_cache=False, decoder_start_token_id=0, attn_implementation="eager")
-    return transformers.T5Model(config), lambda b, s: {"input_ids": _ids(b, s), "decoder_input_ids": _ids(b, s // 2)}, 6
+    config = transformers.T5Config(
+        num_layers=2,
+        num_decoder_layers=2,
+        d_model=64,
+        d_kv=16,
+        d_ff=128,
+        num_heads=4,
+        vocab_size=VOCAB,
+        use_cache=False,
+        decoder_start_token_id=0,
+        attn_implementation="eager",
+    )
+    return (
+        transformers.T5Model(config),
+        lambda b, s: {"input_ids": _ids(b, s), "decoder_input_ids": _ids(b, s // 2)},
+        6,
+    )
 
 
 def vit():
-    config = transformers.ViTConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, intermediate_size=128, image_size=32, patch_size=8, attn_implementation="eager")
-    return transformers.ViTModel(config), lambda b, s: {"pixel_values": torch.randn(b, 3, 32, 32)}, 2
+    config = transformers.ViTConfig(
+        num_hidden_layers=2,
+        hidden_size=64,
+        num_attention_heads=4,
+        intermediate_size=128,
+        image_size=32,
+        patch_size=8,
+        attn_implementation="eager",
+    )
+    return (
+        transformers.ViTModel(config),
+        lambda b, s: {"pixel_values": torch.randn(b, 3, 32, 32)},
+        2,
+    )
 
 
 MODELS = {"gpt2": gpt2, "bert": bert, "llama_gqa": llama_gqa, "t5": t5, "vit": vit}
@@ -65,5 +120,5 @@ def test_model_sites_rewritten_and_equivalent(name: str) -> None:
         with torch.no_grad():
             expected, got = model(**inputs), optimized(**inputs)
         assert type(got) is type(expected)
-        for key in expected.keys():
+        for key in expected:
             torch.testing.assert_close(got[key], expected[key], atol=1e-5, rtol=1e-5)

@@ -19,7 +19,13 @@ SCALE = 1.0 / math.sqrt(D)
 class Generated(nn.Module):
     def __init__(self, scale_at: str, mask: str, layout: str, cast: bool, group: int):
         super().__init__()
-        self.scale_at, self.mask, self.layout, self.cast, self.group = scale_at, mask, layout, cast, group
+        self.scale_at, self.mask, self.layout, self.cast, self.group = (
+            scale_at,
+            mask,
+            layout,
+            cast,
+            group,
+        )
         self.q = nn.Linear(C, H * D)
         self.kv = nn.Linear(C, 2 * (H // group) * D)
 

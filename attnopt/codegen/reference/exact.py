@@ -2,7 +2,7 @@
 
 Contract shared by every exact kernel (reference, Triton, TVM):
 
-- ``q``: ``(B, H, N, D)``; ``k``: ``(B, Hkv, M, D)``; ``v``: ``(B, Hkv, M, Dv)`` with ``H % Hkv == 0``
+- ``q``: ``(B, H, N, D)``; ``k``: ``(B, Hkv, M, D)``; ``v``: ``(B, Hkv, M, Dv)``, ``H % Hkv == 0``
   (query head ``h`` reads kv head ``h // (H // Hkv)``). Any strides, including 0 (expanded).
 - ``mask``: ``None``; a float tensor of shape ``(B, H, N, M)`` added to the scaled scores; or a
   bool tensor of that shape, True where a key may be attended, False replaced by ``fill``.
@@ -21,7 +21,9 @@ from __future__ import annotations
 import torch
 
 
-def structural_keep(n: int, m: int, causal: bool, window: int, device: torch.device) -> torch.Tensor:
+def structural_keep(
+    n: int, m: int, causal: bool, window: int, device: torch.device
+) -> torch.Tensor:
     """The (n, m) bool matrix of pairs allowed by the causal / window flags."""
     rows = torch.arange(n, device=device)[:, None] + (m - n)
     cols = torch.arange(m, device=device)[None, :]
