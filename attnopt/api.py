@@ -30,21 +30,19 @@ class OptimizedModule(nn.Module):
         self.attnopt_report = report
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        if not torch.compiler.is_compiling() and not self.attnopt_report.dynamic:
-            return self._call_static(args, kwargs)
-        return self.graph_module(*args, **kwargs)
-
-    def _call_static(self, args: tuple, kwargs: dict) -> Any:
+        if torch.compiler.is_compiling():
+            return self.graph_module(*args, **kwargs)
         try:
             return self.graph_module(*args, **kwargs)
-        except (AssertionError, RuntimeError, ValueError) as err:
-            if "shape" in str(err) or "Expected input" in str(err):
-                raise ShapeError(
-                    "this optimized module was captured with static shapes and accepts only the "
-                    f"example's input shapes ({err}). Optimize again with example inputs of this "
-                    "shape, or make the model exportable with dynamic shapes."
-                ) from None
-            raise
+        except AssertionError as err:
+            if not str(err).startswith("Guard failed"):
+                raise
+            dims = self.attnopt_report.dynamic_dims
+            raise ShapeError(
+                f"input shape outside what the captured graph accepts ({err}); dynamic dims: "
+                f"{dims or 'none'}. Optimize again with example inputs of this shape, or make "
+                "the model exportable with dynamic shapes there."
+            ) from None
 
     def state_dict(self, *args: Any, **kwargs: Any) -> dict:
         """The original model's keys, so checkpoints load into either."""

@@ -116,8 +116,7 @@ def capture(model: nn.Module, inputs: Inputs) -> Capture:
                     dynamic_shapes=_dynamic_shapes(bound) if dynamic else None,
                     strict=False,
                 )
-            gm = program.module()
-            return _exported(gm, program, dynamic)
+            return _exported(program, dynamic)
         except Exception as err:  # noqa: BLE001 - every export failure means: try the next way
             failures.append(
                 f"torch.export ({'dynamic' if dynamic else 'static'}): {_first_line(err)}"
@@ -134,26 +133,41 @@ def capture(model: nn.Module, inputs: Inputs) -> Capture:
     )
 
 
-def _exported(gm: fx.GraphModule, program: Any, dynamic: bool) -> Capture:
+def _is_symbolic(size: Any) -> bool:
+    return isinstance(size, torch.SymInt) and bool(size.node.expr.free_symbols)
+
+
+def _exported(program: Any, dynamic: bool) -> Capture:
+    """Read the dynamic dims off the program before ``module()`` (which re-traces its meta)."""
     dims: dict[str, list[int]] = {}
     hints: dict[str, int] = {}
-    for node in gm.graph.find_nodes(op="placeholder"):
+    user_inputs = set(program.graph_signature.user_inputs)
+    for node in program.graph.find_nodes(op="placeholder"):
         val = node.meta.get("val")
-        if not isinstance(val, torch.Tensor):
+        if node.name not in user_inputs or not isinstance(val, torch.Tensor):
             continue
-        symbolic = [i for i, s in enumerate(val.shape) if isinstance(s, torch.SymInt)]
+        symbolic = [i for i, size in enumerate(val.shape) if _is_symbolic(size)]
         if symbolic:
             dims[node.name] = symbolic
-        for s in val.shape:
-            if isinstance(s, torch.SymInt):
-                hint = s.node.hint
-                if hint is not None:
-                    hints[str(s.node.expr)] = int(hint)
+        for size in val.shape:
+            if _is_symbolic(size) and size.node.hint is not None:
+                hints[str(size.node.expr)] = int(size.node.hint)
     notes = []
     if not dims:
         notes.append(
             "captured with static shapes: the optimized module accepts only the example's shapes"
         )
+    elif dynamic:
+        static = [
+            f"{node.name}[{i}]"
+            for node in program.graph.find_nodes(op="placeholder")
+            if node.name in user_inputs and isinstance(node.meta.get("val"), torch.Tensor)
+            for i, size in enumerate(node.meta["val"].shape)
+            if not _is_symbolic(size)
+        ]
+        if static:
+            notes.append(f"static dims (the model fixes them): {', '.join(static)}")
+    gm = program.module()
     _drop_metadata_asserts(gm)
     method = "torch.export" if dynamic else "torch.export (static)"
     return Capture(gm, method, bool(dims), True, dims, hints, notes)

@@ -67,7 +67,8 @@ def _size(value: Any) -> Any:
     if isinstance(value, fx.Node):
         value = value.meta.get("val")
     if isinstance(value, torch.SymInt):
-        return value.node.expr
+        expr = value.node.expr
+        return int(expr) if expr.is_number else expr
     if isinstance(value, int | float | bool) or value is None:
         return value
     return None
