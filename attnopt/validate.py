@@ -26,20 +26,19 @@ def tolerance_for(dtype: torch.dtype, user_tolerance: float | None) -> float:
 def max_error(candidate: torch.Tensor, reference: torch.Tensor) -> float:
     """``max |a - b| / max(1, max |b|)``; where the reference is NaN (rows the original masks
     entirely) any finite value is accepted."""
-    a, b = candidate.detach().float(), reference.detach().float()
+    a, b = candidate.detach(), reference.detach()
     if a.shape != b.shape:
         return float("inf")
-    valid = ~torch.isnan(b)
-    a, b = a[valid], b[valid]
-    if b.numel() == 0:
+    if a.dtype != torch.float32 or b.dtype != torch.float32:
+        a, b = a.float(), b.float()
+    if a.numel() == 0:
         return 0.0
-    same = a == b  # equal values, infinities of the same sign included
-    diff = torch.where(same, torch.zeros_like(a), (a - b).abs())
+    agree = (a == b) | torch.isnan(b)  # equal (infinities of one sign too), or reference NaN
+    diff = (a - b).abs().masked_fill(agree, 0.0)
     if bool(torch.isnan(diff).any()):
         return float("inf")
-    finite = b[torch.isfinite(b)]
-    scale = max(1.0, float(finite.abs().max())) if finite.numel() else 1.0
-    return float(diff.max()) / scale
+    magnitude = b.abs().masked_fill(~torch.isfinite(b), 0.0).max()
+    return float(diff.max()) / max(1.0, float(magnitude))
 
 
 def compare_outputs(candidate: Any, reference: Any) -> float:
