@@ -19,12 +19,16 @@ Config = dict[str, int]
 
 @dataclass(frozen=True)
 class ConfigSpace:
-    """``params`` maps a knob to its choices; ``keep`` returns None or the reason to drop."""
+    """``params`` maps a knob to its choices; ``keep`` returns None or the reason to drop.
+
+    ``variant`` names the attention variant the kernel computes; it is part of the tuning key.
+    """
 
     kernel: str
     params: dict[str, tuple[int, ...]]
     keep: Callable[[Config, Target, KernelSignature], str | None]
     default: Callable[[Target, KernelSignature], Config]
+    variant: str = "exact"
 
     def configs(self) -> Iterator[Config]:
         """Every combination of the choices, unpruned."""
@@ -35,3 +39,11 @@ class ConfigSpace:
     def valid(self, target: Target, sig: KernelSignature) -> list[Config]:
         """The configs that can launch on ``target`` for ``sig``."""
         return [c for c in self.configs() if self.keep(c, target, sig) is None]
+
+    def choices(self, target: Target, sig: KernelSignature) -> dict[str, tuple[int, ...]]:
+        """Each knob's values that occur in some valid config: what a tuner offers."""
+        valid = self.valid(target, sig)
+        return {
+            name: tuple(v for v in values if any(c[name] == v for c in valid))
+            for name, values in self.params.items()
+        }
