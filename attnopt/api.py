@@ -8,7 +8,9 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from attnopt.errors import ShapeError
+from attnopt.codegen.registry import kernels_for
+from attnopt.codegen.signature import KernelSignature
+from attnopt.errors import AttnoptError, ShapeError
 from attnopt.passes.plan import plan
 from attnopt.report import NearMissReport, Report, SiteReport
 from attnopt.rewriter.canonicalize import canonicalize
@@ -17,7 +19,7 @@ from attnopt.rewriter.detect import Detection, detect
 from attnopt.rewriter.fx_frontend import graph_view
 from attnopt.rewriter.fx_rewrite import Splice, finish, splice
 from attnopt.rewriter.graph import GraphView
-from attnopt.targets import resolve
+from attnopt.targets import Target, resolve
 from attnopt.validate import compare_outputs, max_error, tolerance_for
 
 
@@ -90,12 +92,18 @@ def optimize(
     variants: tuple[str, ...] = ("exact",),
     target: str = "auto",
     tolerance: float | None = None,
+    tune: bool = False,
+    storage: str | None = None,
+    trials: int = 40,
 ) -> nn.Module:
     """A module computing what ``model`` computes with its attention sites rewritten.
 
     Each site is checked against the original on ``example_inputs``; sites outside
     ``tolerance`` (default: per dtype, see ``attnopt.validate``) are restored and reported.
-    The result has ``.attnopt_report``.
+    Kernels launch with the best config stored for each site's signature in the tuning
+    database ``storage`` (an Optuna storage URL; default: a SQLite file in the user cache);
+    ``tune=True`` first tunes them (``trials`` per signature). The result has
+    ``.attnopt_report``.
     """
     start = time.perf_counter()
     timings: dict[str, float] = {}
@@ -127,6 +135,16 @@ def optimize(
         )
     gm.recompile()
     lap("rewrite")
+    for site_report, spliced in splices:
+        _configure_kernel(
+            site_report,
+            spliced.site.signature(captured.size_hints),
+            resolved,
+            tune,
+            storage,
+            trials,
+        )
+    lap("tune" if tune else "configs")
     result = _validate_sites(gm, inputs, splices, tolerance)
     finish(gm)
     optimized = OptimizedModule(gm, report)
@@ -149,6 +167,35 @@ def optimize(
     timings["total"] = time.perf_counter() - start
     report.seconds = timings
     return optimized
+
+
+def _configure_kernel(
+    site_report: SiteReport,
+    sig: KernelSignature,
+    target: Target,
+    tune: bool,
+    storage: str | None,
+    trials: int,
+) -> None:
+    """Install the site's tuned (or default) launch config and say which in the report."""
+    device_type = "cuda" if target.is_gpu else "cpu"
+    kernel = next(k for k in kernels_for("exact", device_type))
+    site_report.kernel = f"attnopt::attention -> {kernel.name}"
+    if kernel.name == "reference":
+        site_report.config = "none (plain-torch reference)"
+        return
+    from attnopt.autotune.tuner import install_tuned, tune_kernel  # Optuna loads only if needed
+
+    try:
+        if tune:
+            tune_kernel(target, sig, kernel=kernel.name, storage=storage, trials=trials)
+        installed = install_tuned(target, sig, kernel=kernel.name, storage=storage)
+    except AttnoptError as err:
+        site_report.config = f"kernel default ({err})"
+        return
+    site_report.config = "; ".join(
+        f"{name} {config} [{source}]" for name, config, source in installed
+    )
 
 
 def _main_dtype(outputs: Any) -> torch.dtype:
@@ -191,7 +238,6 @@ def _validate_sites(
             site_report.max_error = err
             if err <= tolerance_for(old.dtype, tolerance):
                 site_report.status = "rewritten"
-                site_report.kernel = "attnopt::attention"
             else:
                 spliced.restore()
                 site_report.status = "restored"
