@@ -70,7 +70,14 @@ def _base_report(model: nn.Module, captured: Capture, found: Detection, target: 
         notes=list(captured.notes),
     )
     report.sites = [
-        SiteReport(s.location, s.describe(), s.mask_kind, s.source) for s in found.sites
+        SiteReport(
+            s.location,
+            s.describe(),
+            s.mask_kind,
+            s.source,
+            kernel_signature=s.signature(captured.size_hints),
+        )
+        for s in found.sites
     ]
     report.near_misses = [NearMissReport(m.location, m.rule) for m in found.near_misses]
     return report
@@ -80,9 +87,7 @@ def inspect(model: nn.Module, example_inputs: Any) -> Report:
     """Capture and detect only: the sites attnopt would rewrite, and the near misses."""
     inputs = Inputs.of(example_inputs)
     captured, _, found = _detect(model, inputs)
-    report = _base_report(model, captured, found, "-")
-    report.site_objects = found.sites  # type: ignore[attr-defined]
-    return report
+    return _base_report(model, captured, found, "-")
 
 
 def optimize(
@@ -135,10 +140,10 @@ def optimize(
         )
     gm.recompile()
     lap("rewrite")
-    for site_report, spliced in splices:
+    for site_report, _ in splices:
         _configure_kernel(
             site_report,
-            spliced.site.signature(captured.size_hints),
+            site_report.kernel_signature,
             resolved,
             tune,
             storage,

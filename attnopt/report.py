@@ -9,6 +9,8 @@ from dataclasses import asdict, dataclass, field
 from rich.console import Console
 from rich.table import Table
 
+from attnopt.codegen.signature import KernelSignature
+
 
 @dataclass
 class SiteReport:
@@ -22,6 +24,7 @@ class SiteReport:
     kernel: str | None = None
     config: str | None = None
     reason: str | None = None
+    kernel_signature: KernelSignature | None = None  # at the example's sizes, for tuning
 
 
 @dataclass

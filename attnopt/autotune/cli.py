@@ -120,13 +120,7 @@ def model_signatures(source: str) -> list[KernelSignature]:
         report = inspect(model, inputs)
     except TypeError as error:
         raise typer.BadParameter(f"attnopt.inspect cannot read {source!r} ({error})") from None
-    sites = getattr(report, "site_objects", None) or report.sites
-    found = []
-    for site in sites:
-        signature = site.signature() if callable(site.signature) else site.signature
-        if not isinstance(signature, KernelSignature):
-            raise typer.BadParameter(f"attnopt.inspect gave no kernel signature for {source!r}")
-        found.append(signature)
+    found = [site.kernel_signature for site in report.sites if site.kernel_signature]
     if not found:
         raise typer.BadParameter(f"attnopt.inspect found no attention site in {source!r}")
     return found
