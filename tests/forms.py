@@ -540,3 +540,17 @@ def _dropout_training():
 
 
 FORMS.append(Form("guard_dropout_in_training", _dropout_training, x_in, 0))
+
+
+def _opt_style(m, q, k, v, mask):
+    """OPT/BART eager attention: 3-D bmm, scores viewed 4-D to add the mask, then back."""
+    b, h, n, d = q.shape
+    mm = k.shape[2]
+    q3, k3, v3 = (t.reshape(b * h, t.shape[2], d) for t in (q, k, v))
+    w = torch.bmm(q3 * SCALE, k3.transpose(1, 2))
+    w = w.view(b, h, n, mm) + mask
+    w = w.view(b * h, n, mm)
+    return torch.bmm(F.softmax(w, dim=-1), v3).view(b, h, n, d)
+
+
+form("opt_style_bmm_4d_mask", inputs=x_and_padding, mask="additive")(_opt_style)

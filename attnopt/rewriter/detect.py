@@ -9,7 +9,7 @@ A region that breaks a rule is a ``NearMiss`` naming the first rule it broke.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from attnopt.rewriter.canonicalize import (
     PASSTHROUGH,
@@ -153,6 +153,8 @@ def _walk_to_qk(view: GraphView, start: Operand) -> _Scores:
     scores: _Scores | None = None
     chain_scale, masks, nodes = 1.0, [], []
     fill: float | None = None  # the value masked-out scores take, once a where is seen
+    reshapes: list[str] = []  # views of the scores walked through, softmax side first
+    depths: list[int] = []  # how many of them lie between each mask and the softmax
     while scores is None:
         op = view.op(cur)
         nodes.append(cur)
@@ -173,6 +175,7 @@ def _walk_to_qk(view: GraphView, start: Operand) -> _Scores:
             _check_additive(view, term, cur)
             traced = trace_operand(view, term, allow_scale=True)
             masks.append(MaskTerm(traced, "additive", sign * chain_scale * traced.scale))
+            depths.append(len(reshapes))
             cur = chain
         elif op == "where":
             cur, term, value = _where_parts(view, cur, operands)
@@ -183,11 +186,50 @@ def _walk_to_qk(view: GraphView, start: Operand) -> _Scores:
                 raise _Miss("two boolean masks with different fill values", cur)
             fill = value
             masks.append(term)
+            depths.append(len(reshapes))
+        elif op == "reshape" and _keeps_last_two(view, cur):
+            reshapes.append(cur)
+            cur = _node(operands[0], cur)
         elif op == "matmul":
+            masks = _relayout(view, cur, start, masks, depths, reshapes)
             scores = _Scores(cur, chain_scale, masks, -math.inf if fill is None else fill, nodes)
         else:
             raise _Miss(f"'{_name(view, cur)}' between Q·Kᵀ and softmax", cur)
     return scores
+
+
+def _keeps_last_two(view: GraphView, n: str) -> bool:
+    out, src = view.shape(n), view.shape(view.operands(n)[0])
+    if out is None or src is None or len(out) < 2 or len(src) < 2:
+        return False
+    return view.same_size(out[-1], src[-1]) and view.same_size(out[-2], src[-2])
+
+
+def _relayout(
+    view: GraphView, matmul: str, softmax_input: Operand, masks: list, depths: list, reshapes: list
+) -> list[MaskTerm]:
+    """Scores viewed as (B, H, N, M) for the mask and back to (B·H, N, M) (OPT/BART-style):
+    masks applied in between are expanded and reshaped to the scores' own layout."""
+    if not reshapes:
+        return masks
+    same = view.shape(matmul), view.shape(softmax_input)
+    if (
+        len(reshapes) != 2
+        or same[0] is None
+        or same[1] is None
+        or len(same[0]) != len(same[1])
+        or not all(view.same_size(a, b) for a, b in zip(*same, strict=True))
+    ):
+        raise _Miss("scores reshaped between Q·Kᵀ and softmax", reshapes[0])
+    back, there = reshapes
+    for r in (back, there):
+        sizes = view.operands(r)[1:]
+        if not sizes or any(isinstance(o, Const) and o.value == -1 for o in sizes):
+            raise _Miss("scores reshaped with inferred (-1) sizes around a mask", r)
+    return [
+        replace(term, relayout=(there, back)) if depth == 1 else term
+        for term, depth in zip(masks, depths, strict=True)
+    ]
 
 
 def _scalar_and_other(view: GraphView, operands: list[Operand]) -> tuple[float | None, str]:
@@ -206,7 +248,7 @@ def _reaches_matmul(view: GraphView, n: Operand, depth: int = 0) -> bool:
     op = view.op(n)
     if op == "matmul":
         return True
-    if op in _CAST_OPS | {"mul", "div"}:
+    if op in _CAST_OPS | {"mul", "div", "reshape"}:
         return any(_reaches_matmul(view, o, depth + 1) for o in view.operands(n)[:1]) or (
             op == "mul" and _reaches_matmul(view, view.operands(n)[1], depth + 1)
         )

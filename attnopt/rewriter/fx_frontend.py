@@ -17,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import fx
 
+from attnopt.rewriter.einsum import einsum_as_matmul
 from attnopt.rewriter.graph import Const, GraphView
 
 _FUNCTION_NAMES: dict[Any, str] = {
@@ -237,45 +238,6 @@ def _maybe_permute(b: _Builder, node: fx.Node, value: fx.Node, perm: tuple | Non
     return b.virtual(node, "transpose", [value], shape=permuted, perm=tuple(perm))
 
 
-def einsum_as_matmul(equation: str) -> tuple | None:
-    """Permutations (a, b, out) so that ``einsum == permute(a) @ permute(b)`` then ``out``.
-
-    None when the equation is not a batched matrix product. A permutation that is the identity
-    is returned as None.
-    """
-    if "->" not in equation or "..." in equation:
-        return None
-    inputs, out = equation.split("->")
-    parts = inputs.split(",")
-    if len(parts) != 2:
-        return None
-    a, c = parts
-    if any(len(set(s)) != len(s) for s in (a, c, out)):
-        return None
-    batch = [x for x in out if x in a and x in c]
-    contracted = [x for x in a if x in c and x not in out]
-    free_a = [x for x in a if x not in c]
-    free_c = [x for x in c if x not in a]
-    if len(contracted) != 1 or len(free_a) != 1 or len(free_c) != 1:
-        return None
-    if set(a) != set(batch) | {*contracted, *free_a} or set(c) != set(batch) | {
-        *contracted,
-        *free_c,
-    }:
-        return None
-    order_a = batch + free_a + contracted
-    order_c = batch + contracted + free_c
-    order_mm = batch + free_a + free_c
-    if set(out) != set(order_mm) or out.index(free_a[0]) > out.index(free_c[0]):
-        return None
-
-    def perm(src: str, order: list) -> tuple | None:
-        p = tuple(src.index(x) for x in order)
-        return None if p == tuple(range(len(p))) else p
-
-    return perm(a, order_a), perm(c, order_c), perm("".join(order_mm), list(out))
-
-
 @_converts("transpose", "swapaxes", "t", "permute", "mT")
 def _transpose(b: _Builder, node: fx.Node) -> None:
     name = source_op(node, b.gm)
@@ -493,7 +455,13 @@ def _slice(b: _Builder, node: fx.Node) -> None:
 
 @_converts(*_VIEWS)
 def _reshape(b: _Builder, node: fx.Node) -> None:
-    b.emit(node, "reshape", [node.args[0]])
+    """Operands: the input, then the target sizes when the call spells them out."""
+    sizes = node.args[1] if len(node.args) == 2 else node.args[1:]
+    name = source_op(node, b.gm)
+    if name in ("view", "reshape", "_unsafe_view") and isinstance(sizes, list | tuple) and sizes:
+        b.emit(node, "reshape", [node.args[0], *sizes])
+    else:
+        b.emit(node, "reshape", [node.args[0]])
 
 
 @_converts("expand")

@@ -16,7 +16,7 @@ from torch import fx
 import attnopt.codegen.ops  # noqa: F401  (defines torch.ops.attnopt.attention)
 from attnopt.passes.base import Replacement
 from attnopt.rewriter.canonicalize import TracedOperand
-from attnopt.rewriter.graph import GraphView
+from attnopt.rewriter.graph import Const, GraphView
 from attnopt.rewriter.site import AttentionSite
 
 aten = torch.ops.aten
@@ -47,11 +47,20 @@ def _value(graph: fx.Graph, view: GraphView, operand: TracedOperand) -> fx.Node:
     return node
 
 
+def _sizes(view: GraphView, reshape: str) -> list:
+    """The target sizes a reshape node spelled out, as fx arguments."""
+    return [o.value if isinstance(o, Const) else view.handle(o) for o in view.operands(reshape)[1:]]
+
+
 def _mask(graph: fx.Graph, view: GraphView, site: AttentionSite) -> fx.Node | None:
     """One mask tensor: additive terms summed (keep masks folded in as -inf), or one bool mask."""
     additive, keep = None, None
     for term in site.masks:
         value = _value(graph, view, term.operand)
+        if term.relayout is not None:
+            there, back = (_sizes(view, r) for r in term.relayout)
+            value = graph.call_function(aten.expand.default, (value, there))
+            value = graph.call_function(aten.reshape.default, (value, back))
         if term.kind == "additive":
             if term.multiplier != 1.0:
                 value = graph.call_function(aten.mul.Tensor, (value, term.multiplier))

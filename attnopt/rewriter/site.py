@@ -19,6 +19,9 @@ class MaskTerm:
     operand: TracedOperand
     kind: str
     multiplier: float = 1.0
+    #: (reshape giving the layout the mask is applied in, reshape back to the scores' layout),
+    #: when the model views the scores differently around the mask (OPT/BART-style 3-D bmm)
+    relayout: tuple[str, str] | None = None
 
 
 @dataclass
