@@ -2,8 +2,16 @@
 
 from __future__ import annotations
 
-import pytest
+import os
+
 import torch
+
+# Triton picks interpreter or compiler when a kernel (or its own stdlib) is defined, so this must
+# be set before anything imports triton: without CUDA, kernels run in the interpreter on CPU.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

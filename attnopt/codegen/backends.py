@@ -3,3 +3,5 @@
 One import per backend module; each registers its kernels at import time and defers heavy
 imports (the compiler itself) to the first call.
 """
+
+import attnopt.codegen.triton.exact  # noqa: F401

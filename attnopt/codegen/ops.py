@@ -14,7 +14,7 @@ from collections.abc import Iterator
 
 import torch
 
-from attnopt.codegen.layout import leading_shape, to_heads
+from attnopt.codegen.layout import HeadsLayout, leading_shape, to_heads
 from attnopt.codegen.reference.exact import exact_attention
 from attnopt.codegen.registry import Kernel, register_kernel, select_kernel
 
@@ -84,9 +84,20 @@ def _setup_context(ctx, inputs, output):
     ctx.attrs = (scale, causal, window, fill, kv_group)
 
 
+def _kernel_grads(kernel: Kernel, heads: HeadsLayout, grad_out, flags: dict) -> tuple[list, list]:
+    """The 4-D views and the kernel's gradients for them (its forward rerun for out and lse)."""
+    views = (heads.q, heads.k, heads.v)
+    with torch.no_grad():
+        out, lse = kernel.forward(*views, heads.mask, **flags)
+        grads = kernel.backward(grad_out.reshape(out.shape), *views, heads.mask, out, lse, **flags)
+    pairs = [(view, g) for view, g in zip(views, grads, strict=True) if view.requires_grad]
+    return [view for view, _ in pairs], [g for _, g in pairs]
+
+
 def _backward(ctx, grad_out):
     q, k, v, mask = ctx.saved_tensors
     scale, causal, window, fill, kv_group = ctx.attrs
+    flags = dict(scale=scale, causal=causal, window=window, fill=fill)
     wants = [ctx.needs_input_grad[i] for i in range(4)]
     with torch.enable_grad():
         leaves = [
@@ -94,13 +105,14 @@ def _backward(ctx, grad_out):
             for t, w in zip((q, k, v, mask), wants, strict=True)
         ]
         heads = to_heads(*leaves[:3], leaves[3], kv_group)
-        out, _ = exact_attention(
-            heads.q, heads.k, heads.v, heads.mask,
-            scale=scale, causal=causal, window=window, fill=fill,
-        )
-        out = out.reshape(heads.out_shape)
+        kernel = _pick(heads.q, heads.k, heads.v, heads.mask, causal, window)
+        if kernel.backward is not None and not wants[3]:  # kernels give no mask gradient
+            outputs, grad_outputs = _kernel_grads(kernel, heads, grad_out, flags)
+        else:
+            out, _ = exact_attention(heads.q, heads.k, heads.v, heads.mask, **flags)
+            outputs, grad_outputs = [out.reshape(heads.out_shape)], [grad_out]
         targets = [t for t, w in zip(leaves, wants, strict=True) if w]
-        grads = iter(torch.autograd.grad(out, targets, grad_out)) if targets else iter(())
+        grads = iter(torch.autograd.grad(outputs, targets, grad_outputs)) if targets else iter(())
     return tuple(next(grads) if w else None for w in wants) + (None,) * 5
 
 

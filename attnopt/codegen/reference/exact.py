@@ -61,8 +61,13 @@ def exact_attention(
     if causal or window > 0:
         keep = structural_keep(n, m, causal, window, q.device)
         scores = scores.masked_fill(~keep, float("-inf"))
-    lse = torch.logsumexp(scores, dim=-1)
-    safe_lse = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
-    probs = torch.exp(scores - safe_lse[..., None])
+    # Shift by the row max (0 for rows with nothing visible): a row whose every score is the
+    # same huge negative value (HF's finfo.min padding) must still average V, not sum it.
+    row_max = scores.amax(dim=-1, keepdim=True)
+    row_max = torch.where(torch.isinf(row_max), torch.zeros_like(row_max), row_max)
+    weights = torch.exp(scores - row_max)
+    total = weights.sum(dim=-1, keepdim=True)
+    probs = weights / total.clamp_min(torch.finfo(torch.float32).tiny)
+    lse = (row_max + total.log()).squeeze(-1)
     out = torch.matmul(probs, vf)
     return out.to(q.dtype), lse
