@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
@@ -83,8 +84,14 @@ def _base_report(model: nn.Module, captured: Capture, found: Detection, target: 
     return report
 
 
-def inspect(model: nn.Module, example_inputs: Any) -> Report:
-    """Capture and detect only: the sites attnopt would rewrite, and the near misses."""
+def inspect(model: nn.Module | str | os.PathLike, example_inputs: Any = None) -> Report:
+    """Capture and detect only: the sites attnopt would rewrite, and the near misses.
+
+    ``model`` may also be the path of an ``.onnx`` file (no example inputs needed)."""
+    if isinstance(model, str | os.PathLike) and str(model).endswith(".onnx"):
+        from attnopt.onnx_api import inspect as inspect_onnx
+
+        return inspect_onnx(model)
     inputs = Inputs.of(example_inputs)
     captured, _, found = _detect(model, inputs)
     return _base_report(model, captured, found, "-")

@@ -7,6 +7,7 @@ import json
 from dataclasses import asdict, dataclass, field
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from attnopt.codegen.signature import KernelSignature
@@ -45,6 +46,7 @@ class Report:
     notes: list[str] = field(default_factory=list)
     output_error: float | None = None
     seconds: dict[str, float] = field(default_factory=dict)
+    latency_ms: dict[str, float] = field(default_factory=dict)  # e.g. before/after a conversion
 
     @property
     def rewritten(self) -> list[SiteReport]:
@@ -55,16 +57,17 @@ class Report:
 
     def table(self) -> Table:
         table = Table(title=f"attnopt: {self.model} ({self.capture}, target {self.target})")
-        for column in ("site", "signature", "mask", "variant", "status", "max err"):
+        for column in ("site", "signature", "mask", "variant", "kernel", "status", "max err"):
             table.add_column(column, overflow="fold")
         for site in self.sites:
             err = "" if site.max_error is None else f"{site.max_error:.2e}"
             status = site.status if not site.reason else f"{site.status}: {site.reason}"
-            table.add_row(
-                site.location, site.signature, site.mask, site.variant or "-", status, err
-            )
+            cells = (site.location, site.signature, site.mask, site.variant or "-")
+            table.add_row(*map(escape, (*cells, site.kernel or "-", status)), err)
         for miss in self.near_misses:
-            table.add_row(miss.location, "-", "-", "-", f"near miss: {miss.rule}", "")
+            table.add_row(
+                escape(miss.location), "-", "-", "-", "-", escape(f"near miss: {miss.rule}"), ""
+            )
         return table
 
     def print(self, console: Console | None = None) -> None:
@@ -76,6 +79,9 @@ class Report:
             console.print(f"note: {note}")
         if self.output_error is not None:
             console.print(f"model output max error vs original: {self.output_error:.3e}")
+        if self.latency_ms:
+            parts = ", ".join(f"{k} {v:.2f} ms" for k, v in self.latency_ms.items())
+            console.print(f"latency: {parts}")
         if self.seconds:
             parts = ", ".join(f"{k} {v:.2f}s" for k, v in self.seconds.items())
             console.print(f"time: {parts}")

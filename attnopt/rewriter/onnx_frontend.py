@@ -92,6 +92,11 @@ class _Builder:
         self.opset = opset(model)
         self.view = GraphView(shapes_hold_for_all_inputs=True)
         self.fused: dict[str, int] = {}
+        self.read = {o.name for o in model.graph.output}
+        self.producer: dict[str, onnx.NodeProto] = {}
+        for node in model.graph.node:
+            self.read.update(_reads(node))
+            self.producer.update((name, node) for name in node.output)
 
     # -- helpers used by converters ----------------------------------------------------------
     def rank(self, name: str) -> int | None:
@@ -208,8 +213,8 @@ class _Builder:
             _CONVERTERS[node.op_type](self, node)
         else:
             self.opaque(node)
-        for extra in node.output[1:]:
-            if extra:
+        for extra in node.output[1:]:  # extra outputs nothing reads (Dropout's mask) are left out
+            if extra in self.read:
                 self.view.add(
                     extra,
                     "opaque",
@@ -405,7 +410,47 @@ def _tile(b: _Builder, node: onnx.NodeProto) -> None:
 
 @_converts(*_RESHAPES)
 def _reshape(b: _Builder, node: onnx.NodeProto) -> None:
-    b.emit(node, "reshape", [node.input[0]])
+    """Operands: the input, then (``Reshape``) the target-shape tensor."""
+    swapped = _swap_through_views(b, node)
+    if swapped is not None:
+        rank = len(b.shapes.shape(swapped))
+        b.emit(node, "transpose", [swapped], perm=(*range(rank - 2), rank - 1, rank - 2))
+        return
+    sizes = [node.input[1]] if node.op_type == "Reshape" else []
+    b.emit(node, "reshape", [node.input[0], *sizes])
+
+
+def _swap_through_views(b: _Builder, node: onnx.NodeProto) -> str | None:
+    """``x`` when ``node`` is ``reshape(transpose(reshape(x)))`` that merges x's leading axes,
+    swaps the last two and splits the leading axes back: how onnxscript spells ``kᵀ`` in its
+    SDPA decomposition. Reshapes that keep the last two axes only regroup the batch of
+    matrices, so the whole is x with its last two axes swapped."""
+    inner = b.producer.get(node.input[0])
+    if inner is None or inner.op_type != "Transpose" or node.op_type != "Reshape":
+        return None
+    flat = b.producer.get(inner.input[0])
+    if flat is None or flat.op_type != "Reshape":
+        return None
+    x = flat.input[0]
+    shapes = [b.shapes.shape(name) for name in (x, flat.output[0], node.output[0])]
+    if any(s is None or len(s) < 2 for s in shapes):
+        return None
+    source, merged, out = shapes
+    perm = b.attr(inner, "perm")
+    swap = (*range(len(merged) - 2), len(merged) - 1, len(merged) - 2)
+    same = b.view.same_size
+    return (
+        x
+        if perm is not None
+        and tuple(perm) == swap
+        and len(out) == len(source)
+        and same(merged[-1], source[-1])
+        and same(merged[-2], source[-2])
+        and all(map(same, out[:-2], source[:-2]))
+        and same(out[-1], source[-2])
+        and same(out[-2], source[-1])
+        else None
+    )
 
 
 @_converts("Unsqueeze")

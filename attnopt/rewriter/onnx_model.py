@@ -9,15 +9,17 @@ sizes; a size neither knows becomes a fresh symbol equal to nothing else.
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import onnx
 import sympy
 from google.protobuf.message import DecodeError
-from onnx import TensorProto
+from onnx import TensorProto, helper
 
 from attnopt.errors import OnnxModelError
 
@@ -87,7 +89,8 @@ def load(path: str | Path) -> Loaded:
 
 
 def save(model: onnx.ModelProto, path: str | Path, external: bool) -> None:
-    """Write ``model`` (weights in ``<name>.data`` beside it if ``external`` or too large)."""
+    """Write ``model`` (weights in ``<name>.data`` beside it if ``external`` or too large; then
+    ``model`` itself points at that file, as ``onnx.save_model`` leaves it)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if external or model.ByteSize() > MAX_MODEL_BYTES:
@@ -119,14 +122,14 @@ def size_symbol(name: str) -> sympy.Symbol:
     return sympy.Symbol(name, integer=True, positive=True)
 
 
-def dim_expr(text: str) -> sympy.Expr:
+def dim_expr(text: str, symbol: Callable[[str], sympy.Symbol] = size_symbol) -> sympy.Expr:
     """A ``dim_param`` as sympy: a name is a symbol, an exporter's expression
     (``Min(32, seq)``, ``2*seq``) is parsed with its names as symbols (never evaluated as code)."""
     if _IDENTIFIER.fullmatch(text) or not _EXPRESSION.match(text):
-        return size_symbol(text)
+        return symbol(text)
     from sympy.parsing.sympy_parser import parse_expr, standard_transformations
 
-    names = {n: size_symbol(n) for n in _IDENTIFIER.findall(text) if n not in _FUNCTIONS}
+    names = {n: symbol(n) for n in _IDENTIFIER.findall(text) if n not in _FUNCTIONS}
     allowed = {
         "Integer": sympy.Integer,
         "Float": sympy.Float,
@@ -135,16 +138,12 @@ def dim_expr(text: str) -> sympy.Expr:
         **_FUNCTIONS,
     }
     try:
-        return sympy.sympify(
-            parse_expr(
-                text,
-                local_dict=names,
-                global_dict=allowed,
-                transformations=standard_transformations,
-            )
+        expr = parse_expr(
+            text, local_dict=names, global_dict=allowed, transformations=standard_transformations
         )
+        return sympy.sympify(expr)
     except Exception:  # anything sympy cannot read stays one opaque size
-        return size_symbol(text)
+        return symbol(text)
 
 
 @dataclass
@@ -175,56 +174,136 @@ class ShapeTable:
 
 
 def infer_shapes(model: onnx.ModelProto) -> ShapeTable:
-    """The shapes of every value of ``model`` (which is left unchanged)."""
-    inferred, method = _symbolic(model), "onnxruntime symbolic shape inference"
-    if inferred is None:
-        method = "onnx shape inference"
+    """The shapes of every value of ``model`` (which is left unchanged).
+
+    onnxruntime's inference first; values it left untyped (it stops at an op it cannot follow)
+    from ONNX's. The dims each engine invents are its own: only names the model itself uses are
+    shared between them, so two engines' ``unk__0`` are never taken for one size."""
+    shared = _dim_params(model)
+    sources = [("ort", _symbolic(model))]
+    produced = {o for n in model.graph.node for o in n.output if o}
+    if not produced <= {v.name for v in sources[0][1]}:
         try:
             inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
         except (onnx.shape_inference.InferenceError, ValueError):
             inferred = model
-    table = ShapeTable(method=method)
-    exprs: dict[str, sympy.Expr] = {}
-    graph = inferred.graph
-    for value in [*graph.input, *graph.value_info, *graph.output]:
-        tensor = value.type.tensor_type
-        if not value.type.HasField("tensor_type"):
-            continue
-        shape = None
-        if tensor.HasField("shape"):
-            shape = tuple(_dim(d, exprs) for d in tensor.shape.dim)
-        table.values[value.name] = ValueInfo(
-            shape, DTYPE_NAMES.get(tensor.elem_type), tensor.elem_type
-        )
-    for init in graph.initializer:
+        graph = inferred.graph
+        sources.append(("onnx", [*graph.input, *graph.value_info, *graph.output]))
+    table = ShapeTable(method=" + ".join(_ENGINES[name] for name, infos in sources if infos))
+    for namespace, infos in sources:
+
+        def symbol(name: str, namespace: str = namespace) -> sympy.Symbol:
+            return size_symbol(name if name in shared else f"{namespace}:{name}")
+
+        exprs: dict[str, sympy.Expr] = {}
+        for value in infos:
+            if value.name in table.values or not value.type.HasField("tensor_type"):
+                continue
+            tensor = value.type.tensor_type
+            shape = None
+            if tensor.HasField("shape"):
+                shape = tuple(_dim(d, exprs, symbol) for d in tensor.shape.dim)
+            table.values[value.name] = ValueInfo(
+                shape, DTYPE_NAMES.get(tensor.elem_type), tensor.elem_type
+            )
+    for init in model.graph.initializer:
         table.values[init.name] = ValueInfo(
             tuple(int(d) for d in init.dims), DTYPE_NAMES.get(init.data_type), init.data_type
         )
     return table
 
 
-def _dim(dim: onnx.TensorShapeProto.Dimension, exprs: dict) -> object:
+_BROADCASTING = {
+    "Add", "Sub", "Mul", "Div", "Pow", "Mod", "Where", "Sum", "Min", "Max", "And", "Or", "Xor",
+    "Equal", "Less", "Greater", "LessOrEqual", "GreaterOrEqual",
+}  # fmt: skip
+_ENGINES = {"ort": "onnxruntime symbolic shape inference", "onnx": "onnx shape inference"}
+
+
+def _dim_params(model: onnx.ModelProto) -> set[str]:
+    """The dim names the model itself declares (inputs, outputs, stored value_info)."""
+    graph = model.graph
+    return {
+        d.dim_param
+        for v in [*graph.input, *graph.value_info, *graph.output]
+        for d in v.type.tensor_type.shape.dim
+        if d.dim_param
+    }
+
+
+def _dim(dim: onnx.TensorShapeProto.Dimension, exprs: dict, symbol: Callable) -> object:
     if dim.HasField("dim_value"):
         return int(dim.dim_value)
     if dim.HasField("dim_param") and dim.dim_param:
         if dim.dim_param not in exprs:
-            exprs[dim.dim_param] = dim_expr(dim.dim_param)
+            exprs[dim.dim_param] = dim_expr(dim.dim_param, symbol)
         return exprs[dim.dim_param]
     return sympy.Dummy("unknown", integer=True, positive=True)
 
 
-def _symbolic(model: onnx.ModelProto) -> onnx.ModelProto | None:
-    """onnxruntime's symbolic inference without ``auto_merge`` (which would assume sizes equal
-    whenever broadcasting needs them to be); None where it gives up."""
+def _symbolic(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
+    """What onnxruntime's symbolic shape inference learns, as far as it gets.
+
+    Run here with its loop rather than ``infer_shapes`` (which, when it stops early, raises and
+    writes the model into the current directory), and without ``auto_merge``, which would take
+    two sizes broadcast together for equal although either may be 1. Instead a broadcast of
+    sizes it cannot merge is their ``Max``: exactly the size broadcasting gives for every input
+    the model accepts (``Max(Min(64, seq), seq)`` is ``seq``)."""
     if model.ByteSize() >= MAX_MODEL_BYTES:
-        return None
-    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+        return []
+    from onnxruntime.tools.symbolic_shape_infer import (
+        SymbolicShapeInference,
+        get_shape_from_value_info,
+    )
+
+    class Inference(SymbolicShapeInference):
+        def _onnx_infer_single_node(self, node):
+            super()._onnx_infer_single_node(node)
+            out = self.known_vi_.get(node.output[0]) if node.output else None
+            if node.op_type not in _BROADCASTING or out is None:
+                return
+            shape = get_shape_from_value_info(out)
+            if shape is None or not self._is_shape_contains_none_dim(shape):
+                return
+            inputs = [self._get_shape(node, i) for i in range(len(node.input)) if node.input[i]]
+            if any(s is None for s in inputs):
+                return
+            merged = functools.reduce(self._broadcast_shapes, inputs)
+            elem_type = out.type.tensor_type.elem_type
+            out.CopyFrom(helper.make_tensor_value_info(out.name, elem_type, merged))
+
+        def _broadcast_shapes(self, shape1, shape2):
+            shape = super()._broadcast_shapes(shape1, shape2)
+            rank = len(shape)
+            first = [1] * (rank - len(shape1)) + list(shape1)
+            second = [1] * (rank - len(shape2)) + list(shape2)
+            return [
+                self._max(a, b) if d is None else d
+                for d, a, b in zip(shape, first, second, strict=True)
+            ]
+
+        def _max(self, a, b):
+            size = sympy.Max(*(self._sympy_dim(d) for d in (a, b)))
+            if isinstance(size, sympy.Integer):
+                return int(size)
+            self.symbolic_dims_.setdefault(str(size), size)
+            return str(size)
+
+        def _sympy_dim(self, d):
+            if isinstance(d, str):
+                return self.symbolic_dims_.get(d, sympy.Symbol(d, integer=True, nonnegative=True))
+            return sympy.Integer(d)
 
     logger = logging.getLogger("onnxruntime.tools.symbolic_shape_infer")
-    level, logger.level = logger.level, logging.ERROR
+    level = logger.level
+    logger.setLevel(logging.ERROR)
     try:
-        return SymbolicShapeInference.infer_shapes(model, auto_merge=False)
+        inference = Inference(2**31 - 1, False, False, 0)
+        inference._preprocess(model)
+        while inference.run_:
+            inference._infer_impl()
+        return list(inference.known_vi_.values())
     except Exception:  # its failures are asserts and KeyErrors on ops it does not know
-        return None
+        return []
     finally:
         logger.setLevel(level)

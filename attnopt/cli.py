@@ -1,0 +1,162 @@
+"""The ``attnopt`` command line: one typer command per function, errors as one line.
+
+    attnopt inspect MODEL.onnx
+    attnopt convert IN.onnx -o OUT.onnx [--variant exact] [--no-check] [--dim seq=512] [--json]
+
+Each command is a plain function registered on ``app``; a new one (``tune``, ``bench``) is one
+more ``@app.command()`` or ``app.command("tune")(tune_command)``. ``_one_line_errors`` turns
+every failure into ``error: <reason>`` on stderr and a non-zero exit code, never a traceback
+(``ATTNOPT_DEBUG=1`` shows it).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Callable
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from attnopt.errors import AttnoptError
+from attnopt.report import Report
+
+app = typer.Typer(
+    name="attnopt",
+    help="Find attention in a model and rewrite it into fused kernels.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+
+
+def _one_line_errors(command: Callable) -> Callable:
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except typer.Exit:
+            raise
+        except Exception as failure:
+            if os.environ.get("ATTNOPT_DEBUG"):
+                raise
+            known = isinstance(failure, AttnoptError)
+            kind = "" if known else f"internal error ({type(failure).__name__}): "
+            reason = " ".join(str(failure).split()) or type(failure).__name__
+            message = f"error: {kind}{reason}"
+            Console(stderr=True).print(message, markup=False, highlight=False, soft_wrap=True)
+            raise typer.Exit(1 if known else 2) from None
+
+    return wrapper
+
+
+@contextmanager
+def _progress(enabled: bool):
+    """A spinner on stderr naming the current step; yields the callback that advances it."""
+    if not enabled:
+        yield lambda message: None
+        return
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
+    with Progress(*columns, console=Console(stderr=True), transient=True) as progress:
+        task = progress.add_task("starting")
+        yield lambda message: progress.update(task, description=message)
+
+
+def _dims(values: list[str]) -> dict[str, int]:
+    dims = {}
+    for value in values:
+        name, _, size = value.partition("=")
+        if not name or not size.strip().isdigit():
+            raise AttnoptError(f"--dim {value!r}: expected name=size, e.g. --dim seq=512")
+        dims[name.strip()] = int(size)
+    return dims
+
+
+def _summary(report: Report) -> Table:
+    table = Table(title="summary")
+    for column in ("sites found", "rewritten", "restored", "max error", "latency before → after"):
+        table.add_column(column)
+    errors = [s.max_error for s in report.sites if s.max_error is not None]
+    if report.output_error is not None:
+        errors.append(report.output_error)
+    latency = "-"
+    if report.latency_ms:
+        before, after = report.latency_ms["before"], report.latency_ms["after"]
+        latency = f"{before:.2f} → {after:.2f} ms (×{before / after:.2f})"
+    table.add_row(
+        str(len(report.sites)),
+        str(len(report.rewritten)),
+        str(sum(s.status == "restored" for s in report.sites)),
+        f"{max(errors):.2e}" if errors else "-",
+        latency,
+    )
+    return table
+
+
+@app.command()
+@_one_line_errors
+def inspect(
+    model: Annotated[Path, typer.Argument(help="an .onnx file")],
+    json: Annotated[bool, typer.Option("--json", help="print the report as JSON")] = False,
+) -> None:
+    """List the attention sites of a model, their signatures and near misses."""
+    from attnopt.onnx_api import inspect as inspect_onnx
+
+    report = inspect_onnx(model)
+    if json:
+        typer.echo(report.to_json())
+    else:
+        report.print(Console())
+
+
+@app.command()
+@_one_line_errors
+def convert(
+    model: Annotated[Path, typer.Argument(help="the .onnx file to convert")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="where to write the result")],
+    variant: Annotated[
+        list[str], typer.Option("--variant", help="allowed variants, in order of preference")
+    ] = ["exact"],  # noqa: B006 (typer reads the default)
+    check: Annotated[
+        bool, typer.Option("--check/--no-check", help="verify and time in onnxruntime")
+    ] = True,
+    dim: Annotated[
+        list[str], typer.Option("--dim", help="size of a dynamic input dim: name=value")
+    ] = [],  # noqa: B006
+    json: Annotated[bool, typer.Option("--json", help="print the report as JSON")] = False,
+) -> None:
+    """Rewrite a model's attention into onnxruntime's fused ops, verify it, and time it."""
+    from attnopt.onnx_api import convert as convert_onnx
+
+    dims = _dims(dim)
+    with _progress(not json) as step:
+        report = convert_onnx(
+            model,
+            output,
+            variants=tuple(variant),
+            check=check,
+            dims=dims,
+            latency=check,
+            progress=step,
+        )
+    if json:
+        typer.echo(report.to_json())
+        return
+    console = Console()
+    report.print(console)
+    console.print(_summary(report))
+    console.print(f"wrote {output}")
+
+
+def _register_tune() -> None:
+    """``attnopt tune`` lives with the tuner; its module imports Optuna only when it runs."""
+    from attnopt.autotune.cli import tune_command
+
+    app.command("tune", help=tune_command.__doc__)(_one_line_errors(tune_command))
+
+
+_register_tune()

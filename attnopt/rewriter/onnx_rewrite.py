@@ -1,0 +1,410 @@
+"""Lower sites into onnxruntime's fused attention ops and splice them into the ONNX graph.
+
+A site ``softmax(scale·Q·Kᵀ + masks)·V`` of 2-D, 3-D or 4-D scores becomes, in order of
+preference, the first fused op whose contract it meets (``FUSED_OPS``): standard ``Attention``
+(opset >= 23: any head grouping, bool or float mask), ``com.microsoft.MultiHeadAttention``
+(fp32, equal head counts, cross-attention too) or ``com.microsoft.GroupQueryAttention``
+(grouped heads, query length = key length). Transposes and ``Reshape``s with 0/-1 bring q, k, v
+into the op's layout and the result back, so dynamic sizes need no constants; masks are
+broadcast to the ``(…, S, T)`` the ops require with ``Shape``-computed sizes. Splicing the
+nodes into the model is ``onnx_splice``'s part.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+from attnopt.passes.base import Replacement
+from attnopt.rewriter.canonicalize import TracedOperand
+from attnopt.rewriter.onnx_frontend import OnnxGraph
+from attnopt.rewriter.onnx_model import ELEM_TYPES
+from attnopt.rewriter.site import AttentionSite, MaskTerm
+
+MS_DOMAIN = "com.microsoft"
+
+
+class NotExpressible(Exception):
+    """No fused op can compute the site exactly; the message says why."""
+
+
+@dataclass
+class Lowering:
+    """The nodes computing a site's value with a fused op; ``output`` has the site's layout."""
+
+    site: AttentionSite
+    nodes: list[onnx.NodeProto]
+    output: str
+    kernel: str
+    config: str
+    domains: set[str] = field(default_factory=set)
+
+
+@dataclass
+class _Facts:
+    """What choosing and building a fused op needs to know about one site."""
+
+    site: AttentionSite
+    graph: OnnxGraph
+    scale: float  # the call's attributes (the Replacement's), which the ops compute
+    causal: bool
+    fill: float
+    rank: int = 0
+    heads: int = 1
+    kv_heads: int = 1
+    dtype: str = ""
+    square: bool = False  # query length provably equals key length
+
+    def same(self, a: object, b: object) -> bool:
+        return a == b or self.graph.view.same_size(a, b)
+
+
+# -- the ops ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class FusedOp:
+    kernel: str
+    domain: str
+    why_not: Callable[[_Facts], str | None]
+    build: Callable[[_Emitter, _Facts], str]
+
+
+def _attention_why_not(f: _Facts) -> str | None:
+    if f.graph.opset < 23:
+        return f"Attention needs opset >= 23 (the model has {f.graph.opset})"
+    if f.dtype not in ("float32", "float16"):
+        return f"Attention runs float32/float16, not {f.dtype}"
+    return None
+
+
+def _mha_why_not(f: _Facts) -> str | None:
+    if f.kv_heads != f.heads:
+        return f"MultiHeadAttention needs as many kv heads as query heads ({f.kv_heads}/{f.heads})"
+    if f.dtype != "float32":
+        return f"MultiHeadAttention runs float32 on CPU, not {f.dtype}"
+    return None
+
+
+def _gqa_why_not(f: _Facts) -> str | None:
+    if not f.square:
+        return "GroupQueryAttention needs query length = key length (no KV cache here)"
+    if f.dtype not in ("float32", "float16"):
+        return f"GroupQueryAttention runs float32/float16, not {f.dtype}"
+    return None
+
+
+def _build_attention(e: _Emitter, f: _Facts) -> str:
+    q, k, v = (e.bnsh(x, f.rank) for x in (f.site.q, f.site.k, f.site.v))
+    mask = e.mask(f, allow_bool=True)
+    out = e.node(
+        "Attention",
+        [q, k, v] + ([mask] if mask else []),
+        scale=f.scale,
+        is_causal=int(f.causal),
+    )
+    if f.rank == 4:
+        return out
+    return e.squeeze(out, [1] if f.rank == 3 else [0, 1])
+
+
+def _build_mha(e: _Emitter, f: _Facts) -> str:
+    q = e.bsd(f.site.q, f.rank)
+    k, v = (e.kv_layout(x, f.rank) for x in (f.site.k, f.site.v))
+    mask = e.mask(f, allow_bool=False)
+    out = e.node(
+        "MultiHeadAttention",
+        [q, k, v, "", "", mask or ""],
+        domain=MS_DOMAIN,
+        num_heads=f.heads,
+        scale=f.scale,
+        unidirectional=int(f.causal),
+    )
+    return e.from_bsd(out, f)
+
+
+def _build_gqa(e: _Emitter, f: _Facts) -> str:
+    q, k, v = (e.bsd(x, f.rank) for x in (f.site.q, f.site.k, f.site.v))
+    kv_len = e.dim(f.site.k, -2, f.rank)
+    batch = e.dim(f.site.q, 0, f.rank) if f.rank > 2 else e.const(np.array([1], np.int64))
+    last = e.node("Sub", [kv_len, e.const(np.array([1], np.int64))])
+    seqlens = e.node("Expand", [e.node("Cast", [last], to=TensorProto.INT32), batch])
+    total = e.squeeze(e.node("Cast", [kv_len], to=TensorProto.INT32), [0])
+    mask = e.mask(f, allow_bool=False)
+    out = e.node(
+        "GroupQueryAttention",
+        [q, k, v, "", "", seqlens, total, "", "", "", mask or ""],
+        domain=MS_DOMAIN,
+        num_heads=f.heads,
+        kv_num_heads=f.kv_heads,
+        scale=f.scale,
+        causal=int(f.causal),
+    )
+    return e.from_bsd(out, f)
+
+
+#: In order of preference: the first op whose contract a site meets is used.
+FUSED_OPS: tuple[FusedOp, ...] = (
+    FusedOp("Attention", "", _attention_why_not, _build_attention),
+    FusedOp("com.microsoft.MultiHeadAttention", MS_DOMAIN, _mha_why_not, _build_mha),
+    FusedOp("com.microsoft.GroupQueryAttention", MS_DOMAIN, _gqa_why_not, _build_gqa),
+)
+
+
+# -- lowering ---------------------------------------------------------------------------------
+#: How each Replacement op is lowered into ONNX; other variants have no ONNX lowering yet.
+LOWERINGS: dict[str, Callable[[OnnxGraph, AttentionSite, Replacement, str], Lowering]] = {}
+
+
+def lowers(op: str):
+    def register(fn):
+        LOWERINGS[op] = fn
+        return fn
+
+    return register
+
+
+def lower(graph: OnnxGraph, site: AttentionSite, replacement: Replacement, prefix: str) -> Lowering:
+    """The nodes replacing ``site``; raises NotExpressible with the reason when none can."""
+    lowering = LOWERINGS.get(replacement.op)
+    if lowering is None:
+        raise NotExpressible(f"no ONNX lowering for {replacement.op}")
+    return lowering(graph, site, replacement, prefix)
+
+
+@lowers("attnopt::attention")
+def _lower_exact(
+    graph: OnnxGraph, site: AttentionSite, replacement: Replacement, prefix: str
+) -> Lowering:
+    attrs = replacement.attrs
+    if attrs["window"]:
+        raise NotExpressible("sliding-window attention is not lowered to ONNX yet")
+    facts = _Facts(site, graph, float(attrs["scale"]), bool(attrs["causal"]), attrs["fill"])
+    _check(facts)
+    reasons = []
+    for op in FUSED_OPS:
+        why_not = op.why_not(facts)
+        if why_not is None:
+            emitter = _Emitter(graph, prefix)
+            out = emitter.finish_output(op.build(emitter, facts), site)
+            config = (
+                f"heads={facts.heads}/{facts.kv_heads} scale={facts.scale:.4g} "
+                f"causal={int(facts.causal)} masks={len(site.masks)}"
+            )
+            domains = {op.domain} if op.domain else set()
+            return Lowering(site, emitter.nodes, out, op.kernel, config, domains)
+        reasons.append(why_not)
+    raise NotExpressible("; ".join(reasons))
+
+
+def _check(facts: _Facts) -> None:
+    """Check the site fits the fused ops' shared contract and fill in its sizes."""
+    site, view = facts.site, facts.graph.view
+    rank = len(site.scores_shape)
+    if rank not in (2, 3, 4):
+        raise NotExpressible(f"{rank}-D scores (the fused ops take up to 4-D)")
+    lead = site.scores_shape[:-2]
+    q_lead = tuple(site.q_shape[:-2])
+    k_lead = tuple(site.k_shape_lead)
+    v_lead = _lead(view.shape(site.v.source), site.v.perm)
+    facts.rank, facts.dtype = rank, site.dtype or ""
+    if len(q_lead) != len(lead) or not all(map(facts.same, q_lead, lead)):
+        raise NotExpressible("queries broadcast over batch or heads")
+    if len(k_lead) != len(lead) or v_lead is None or not all(map(facts.same, k_lead, v_lead)):
+        raise NotExpressible("keys and values of different or unknown leading shapes")
+    if rank > 2 and not facts.same(k_lead[0], lead[0]):
+        raise NotExpressible("keys broadcast over the batch")
+    heads, kv_heads = (lead[-1], k_lead[-1]) if rank == 4 else (1, 1)
+    if not isinstance(heads, int) or not isinstance(kv_heads, int) or heads % kv_heads:
+        raise NotExpressible(f"head counts {heads}/{kv_heads} are not static multiples")
+    for operand in (site.k, site.v):
+        if view.dtype(operand.source) != site.dtype:
+            raise NotExpressible("q, k and v of different dtypes")
+    facts.heads, facts.kv_heads = heads, kv_heads
+    facts.square = facts.same(site.q_len, site.kv_len)
+    if facts.causal and not facts.square:
+        raise NotExpressible("causal mask with query length ≠ key length")
+
+
+def _lead(shape: tuple | None, perm: tuple | None) -> tuple | None:
+    if shape is None:
+        return None
+    if perm is not None:
+        shape = tuple(shape[i] for i in perm)
+    return tuple(shape[:-2])
+
+
+class _Emitter:
+    """Appends nodes with fresh value names; helpers pick the opset's form of each op."""
+
+    def __init__(self, graph: OnnxGraph, prefix: str) -> None:
+        self.graph = graph
+        self.prefix = prefix
+        self.nodes: list[onnx.NodeProto] = []
+        self._count = 0
+
+    def fresh(self, base: str) -> str:
+        self._count += 1
+        return f"{self.prefix}/{base}_{self._count}"
+
+    def node(self, op: str, inputs: list[str], domain: str = "", **attrs: object) -> str:
+        out = self.fresh(op)
+        name = self.fresh(f"{op}_node")
+        self.nodes.append(helper.make_node(op, inputs, [out], name=name, domain=domain, **attrs))
+        return out
+
+    def const(self, array: np.ndarray) -> str:
+        return self.node("Constant", [], value=onnx.numpy_helper.from_array(array))
+
+    def axes_op(self, op: str, x: str, axes: list[int]) -> str:
+        if self.graph.opset >= 13:
+            return self.node(op, [x, self.const(np.array(axes, np.int64))])
+        return self.node(op, [x], axes=axes)
+
+    def unsqueeze(self, x: str, axes: list[int]) -> str:
+        return self.axes_op("Unsqueeze", x, axes) if axes else x
+
+    def squeeze(self, x: str, axes: list[int]) -> str:
+        return self.axes_op("Squeeze", x, axes)
+
+    def transpose(self, x: str, perm: tuple | None) -> str:
+        if perm is None or tuple(perm) == tuple(range(len(perm))):
+            return x
+        return self.node("Transpose", [x], perm=list(perm))
+
+    def value(self, operand: TracedOperand) -> str:
+        return self.transpose(operand.source, operand.perm)
+
+    def bnsh(self, operand: TracedOperand, rank: int) -> str:
+        """(B, N, S, H): 4-D as it is, 3-D (B·N, S, H) as one head, 2-D as batch and head 1."""
+        return self.unsqueeze(self.value(operand), {4: [], 3: [1], 2: [0, 1]}[rank])
+
+    def bsd(self, operand: TracedOperand, rank: int) -> str:
+        """(B, S, N·H), the contrib ops' layout: one composed transpose and a 0/-1 reshape."""
+        if rank == 2:
+            return self.unsqueeze(self.value(operand), [0])
+        if rank == 3:
+            return self.value(operand)
+        perm = operand.perm or (0, 1, 2, 3)
+        moved = self.transpose(operand.source, tuple(perm[i] for i in (0, 2, 1, 3)))
+        return self.node("Reshape", [moved, self.const(np.array([0, 0, -1], np.int64))])
+
+    def kv_layout(self, operand: TracedOperand, rank: int) -> str:
+        """MultiHeadAttention's K or V, (B, L, N·H) or (B, N, L, H): whichever is a view of
+        the source without a transpose (both when neither is)."""
+        if rank == 4 and _moves_data(operand.perm or (0, 1, 2, 3), (0, 2, 1, 3)):
+            return self.bnsh(operand, rank)
+        return self.bsd(operand, rank)
+
+    def from_bsd(self, out: str, f: _Facts) -> str:
+        """A contrib op's (B, S, N·H) output back in the site's layout."""
+        if f.rank == 2:
+            return self.squeeze(out, [0])
+        if f.rank == 3:
+            return out
+        split = self.node("Reshape", [out, self.const(np.array([0, 0, f.heads, -1], np.int64))])
+        return self.transpose(split, (0, 2, 1, 3))
+
+    def dim(self, operand: TracedOperand, axis: int, rank: int) -> str:
+        """Size ``axis`` of the operand as the site sees it, as a 1-D int64 value."""
+        source_axis = (operand.perm or tuple(range(rank)))[axis % rank]
+        size = self.graph.shapes.shape(operand.source)
+        if size is not None and isinstance(size[source_axis], int):
+            return self.const(np.array([size[source_axis]], np.int64))
+        shape = self.node("Shape", [operand.source])
+        starts, ends = (np.array([v], np.int64) for v in (source_axis, source_axis + 1))
+        return self.node("Slice", [shape, self.const(starts), self.const(ends)])
+
+    def mask(self, f: _Facts, allow_bool: bool) -> str | None:
+        """The site's masks as one bias (or, where allowed, one bool mask) of shape
+        broadcastable to (B, N, S, T) with full S and T."""
+        site = f.site
+        if not site.masks:
+            return None
+        shapes = [self._term_shape(t) for t in site.masks]
+        additive = [self._additive(t, f) for t in site.masks if t.kind == "additive"]
+        keeps = [self._keep(t) for t in site.masks if t.kind != "additive"]
+        keep = _fold(lambda a, b: self.node("And", [a, b]), keeps)
+        bias = _fold(lambda a, b: self.node("Add", [a, b]), additive)
+        if keep is not None and (bias is not None or not allow_bool or f.fill != -math.inf):
+            dtype = np.dtype(f.dtype)
+            zero, fill = (self.const(np.array(x, dtype)) for x in (0.0, f.fill))
+            blocked = self.node("Where", [keep, zero, fill])
+            bias = blocked if bias is None else self.node("Add", [bias, blocked])
+            keep = None
+        mask = bias if bias is not None else keep
+        if any(shape is None or len(shape) < 2 for shape in shapes):
+            raise NotExpressible("a mask of unknown shape")
+        rank = max(len(shape) for shape in shapes)
+        if rank > f.rank:
+            raise NotExpressible("a mask of higher rank than the scores")
+        mask = self.unsqueeze(mask, [1] if (f.rank, rank) == (3, 3) else list(range(4 - rank)))
+        full = all(
+            f.same(shape[-2], site.q_len) and f.same(shape[-1], site.kv_len) for shape in shapes
+        )
+        if not full:
+            target = [self.const(np.array([1, 1], np.int64))]
+            target += [self.dim(site.q, -2, f.rank), self.dim(site.k, -2, f.rank)]
+            mask = self.node("Expand", [mask, self.node("Concat", target, axis=0)])
+        return mask
+
+    def _term_shape(self, term: MaskTerm) -> tuple | None:
+        """The shape a mask term has once laid out like the scores."""
+        view = self.graph.view
+        if term.relayout is not None:
+            return view.shape(term.relayout[1])
+        shape = view.shape(term.operand.source)
+        if shape is None or term.operand.perm is None:
+            return shape
+        return tuple(shape[i] for i in term.operand.perm)
+
+    def _term_value(self, term: MaskTerm) -> str:
+        """A mask term's value; one the model applies to a 4-D view of 3-D scores (OPT/BART)
+        is broadcast to that view's sizes and reshaped as the scores are reshaped back."""
+        value = self.value(term.operand)
+        if term.relayout is None:
+            return value
+        there, back = (self.graph.view.handle(r) for r in term.relayout)
+        sizes = self.graph.values.ints.get(there.input[1])
+        if sizes is None or any(isinstance(s, int) and s <= 0 for s in sizes):
+            raise NotExpressible("a mask applied to a view of the scores of unknown sizes")
+        expanded = self.node("Expand", [value, there.input[1]])
+        allowzero = next((a.i for a in back.attribute if a.name == "allowzero"), 0)
+        return self.node("Reshape", [expanded, back.input[1]], allowzero=allowzero)
+
+    def _additive(self, term: MaskTerm, f: _Facts) -> str:
+        value = self._term_value(term)
+        if self.graph.view.dtype(term.operand.source) != f.dtype:
+            value = self.node("Cast", [value], to=ELEM_TYPES[f.dtype])
+        if term.multiplier != 1.0:
+            value = self.node(
+                "Mul", [value, self.const(np.array(term.multiplier, np.dtype(f.dtype)))]
+            )
+        return value
+
+    def _keep(self, term: MaskTerm) -> str:
+        value = self._term_value(term)
+        return self.node("Not", [value]) if term.kind == "drop" else value
+
+    def finish_output(self, out: str, site: AttentionSite) -> str:
+        out = self.transpose(out, site.output_perm)
+        if site.output_dtype is not None and site.output_dtype != site.dtype:
+            out = self.node("Cast", [out], to=ELEM_TYPES[site.output_dtype])
+        return out
+
+
+def _moves_data(perm: tuple, then: tuple) -> bool:
+    """Whether ``perm`` followed by ``then`` is not the identity (a transpose must copy)."""
+    return tuple(perm[i] for i in then) != tuple(range(len(perm)))
+
+
+def _fold(fn: Callable[[str, str], str], values: list[str]) -> str | None:
+    if not values:
+        return None
+    result = values[0]
+    for value in values[1:]:
+        result = fn(result, value)
+    return result

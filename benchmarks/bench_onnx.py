@@ -1,0 +1,201 @@
+"""ONNX conversion on the test models: sites found and rewritten, onnxruntime CPU latency before
+and after (same process, same inputs), against onnxruntime's own transformers optimizer.
+
+    python benchmarks/bench_onnx.py [--size tiny|base] [--seq 512] [--exporter dynamo|torchscript]
+
+``tiny`` are the test suite's configs (2 layers, hidden 64, 4 heads), ``base`` the same
+architectures at hidden 768, 12 heads (4 kv heads for Llama), 2 layers. Every model is
+exported with the chosen exporter at opset 18, batch 1, sequence ``--seq`` (ViT: the image
+size giving about that many patches), converted by ``attnopt.onnx_api.convert`` (verified)
+and optimized by ``onnxruntime.transformers.optimizer.optimize_model``; all three graphs are
+timed with the same inputs in the same run, taking turns (median over ``--seconds``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import logging
+import tempfile
+import warnings
+from pathlib import Path
+
+import onnx
+import torch
+import transformers
+from rich.console import Console
+from rich.table import Table
+
+from attnopt import onnx_verify
+from attnopt.onnx_api import convert
+
+FUSED = {"Attention", "MultiHeadAttention", "GroupQueryAttention", "PackedAttention"}
+ORT_TYPES = {"gpt2": "gpt2", "bert": "bert", "llama_gqa": "gpt2", "t5": "t5", "vit": "vit"}
+
+
+def configs(size: str) -> dict:
+    hidden, heads, kv, inter = (64, 4, 2, 128) if size == "tiny" else (768, 12, 4, 3072)
+    common = {"attn_implementation": "eager"}
+    return {
+        "gpt2": transformers.GPT2Config(
+            n_layer=2, n_embd=hidden, n_head=heads, vocab_size=1000, n_positions=1024,
+            use_cache=False, bos_token_id=0, eos_token_id=0, **common,
+        ),
+        "bert": transformers.BertConfig(
+            num_hidden_layers=2, hidden_size=hidden, num_attention_heads=heads,
+            intermediate_size=inter, vocab_size=1000, max_position_embeddings=1024, **common,
+        ),
+        "llama_gqa": transformers.LlamaConfig(
+            num_hidden_layers=2, hidden_size=hidden, num_attention_heads=heads,
+            num_key_value_heads=kv, intermediate_size=inter, vocab_size=1000,
+            max_position_embeddings=1024, use_cache=False, **common,
+        ),
+        "t5": transformers.T5Config(
+            num_layers=2, num_decoder_layers=2, d_model=hidden, d_kv=hidden // heads,
+            d_ff=inter, num_heads=heads, vocab_size=1000, use_cache=False,
+            decoder_start_token_id=0, **common,
+        ),
+        "vit": transformers.ViTConfig(
+            num_hidden_layers=2, hidden_size=hidden, num_attention_heads=heads,
+            intermediate_size=inter, image_size=176, patch_size=8, **common,
+        ),
+    }  # fmt: skip
+
+
+MODEL_CLASSES = {
+    "gpt2": transformers.GPT2LMHeadModel,
+    "bert": transformers.BertModel,
+    "llama_gqa": transformers.LlamaForCausalLM,
+    "t5": transformers.T5Model,
+    "vit": transformers.ViTModel,
+}
+
+
+class Positional(torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, names: list[str]) -> None:
+        super().__init__()
+        self.model, self.names = model, names
+
+    def forward(self, *args):
+        out = self.model(**dict(zip(self.names, args, strict=True)))
+        return tuple(v for v in out.values() if isinstance(v, torch.Tensor))
+
+
+def export(name: str, model, seq: int, path: Path, dynamo: bool) -> None:
+    ids = torch.randint(0, 1000, (1, seq))
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    dynamic = {"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"}}
+    if name == "t5":
+        inputs = {"input_ids": ids, "decoder_input_ids": ids}
+        dynamic = {"input_ids": {0: "batch", 1: "seq"}, "decoder_input_ids": {0: "batch", 1: "d"}}
+    if name == "vit":
+        inputs = {"pixel_values": torch.randn(1, 3, 176, 176)}
+        dynamic = {"pixel_values": {0: "batch"}}
+    names = list(inputs)
+    wrapped = Positional(model.eval(), names)
+    with contextlib.redirect_stdout(io.StringIO()), torch.no_grad():
+        if dynamo:
+            torch.onnx.export(
+                wrapped,
+                tuple(inputs.values()),
+                str(path),
+                dynamo=True,
+                opset_version=18,
+                input_names=names,
+                dynamic_shapes=(tuple(dynamic[n] for n in names),),
+            )
+        else:
+            torch.onnx.export(
+                wrapped, tuple(inputs.values()), str(path), dynamo=False, opset_version=18,
+                input_names=names, dynamic_axes=dynamic,
+            )  # fmt: skip
+
+
+def ort_optimized(path: Path, out: Path, model_type: str, heads: int, hidden: int) -> int:
+    """onnxruntime's transformers optimizer on the same export; its fused attention op count."""
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        optimized = optimize_model(str(path), model_type, num_heads=heads, hidden_size=hidden)
+    optimized.save_model_to_file(str(out))
+    return sum(n.op_type in FUSED for n in onnx.load(str(out)).graph.node)
+
+
+def session_fused(path: Path) -> int:
+    """Attention ops in the graph onnxruntime runs for ``path`` after its own session-time
+    optimizations (it fuses some spellings by itself): what "before" really runs."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.optimized_model_filepath = str(path.with_suffix(".session.onnx"))
+    ort.InferenceSession(str(path), options, providers=onnx_verify.PROVIDERS)
+    graph = onnx.load(options.optimized_model_filepath, load_external_data=False).graph
+    return sum(n.op_type in FUSED for n in graph.node)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", choices=["tiny", "base"], default="tiny")
+    parser.add_argument("--seq", type=int, default=512)
+    parser.add_argument("--exporter", choices=["dynamo", "torchscript"], default="dynamo")
+    parser.add_argument("--seconds", type=float, default=10.0, help="timing budget per model")
+    parser.add_argument("--models", nargs="*", default=list(MODEL_CLASSES))
+    args = parser.parse_args()
+    warnings.simplefilter("ignore")
+    logging.disable(logging.WARNING)
+    torch.manual_seed(0)
+    table = Table(
+        title=f"attnopt convert vs onnxruntime optimizer: {args.size} models, "
+        f"{args.exporter} export, batch 1, seq {args.seq}, onnxruntime CPU"
+    )
+    for column in (
+        "model", "sites", "rewritten", "kernel", "max err", "ort fuses itself", "before ms",
+        "attnopt ms",
+        "ratio", "ort-opt fused", "ort-opt ms", "ratio",
+    ):  # fmt: skip
+        table.add_column(column)
+    work = Path(tempfile.mkdtemp(prefix="bench_onnx_"))
+    for name in args.models:
+        config = configs(args.size)[name]
+        path = work / f"{name}.onnx"
+        export(name, MODEL_CLASSES[name](config), args.seq, path, args.exporter == "dynamo")
+        dims = {"batch": 1, "seq": args.seq, "d": args.seq}
+        have = onnx_verify.input_dims(onnx.load(str(path), load_external_data=False))
+        report = convert(path, work / f"{name}.attnopt.onnx", dims={k: dims[k] for k in have})
+        heads = getattr(config, "num_attention_heads", None) or config.num_heads
+        hidden = getattr(config, "hidden_size", None) or config.d_model
+        ort_path = work / f"{name}.ortopt.onnx"
+        try:
+            fused = str(ort_optimized(path, ort_path, ORT_TYPES[name], heads, hidden))
+        except Exception as err:  # its fusions are model-type specific
+            fused, ort_path = f"failed: {type(err).__name__}", None
+        model = onnx.load(str(path), load_external_data=False)
+        feeds = onnx_verify.random_feeds(model, {k: dims[k] for k in have})
+        graphs = {"before": path, "attnopt": work / f"{name}.attnopt.onnx", "ort": ort_path}
+        sessions = {k: onnx_verify.session(g, k) for k, g in graphs.items() if g is not None}
+        times = onnx_verify.latency_ms(sessions, feeds, args.seconds)
+        kernels = ", ".join(sorted({s.kernel.split(".")[-1] for s in report.rewritten}))
+        errors = [s.max_error for s in report.sites if s.max_error is not None]
+        before = times["before"]
+        table.add_row(
+            name,
+            str(len(report.sites)),
+            str(len(report.rewritten)),
+            kernels or "-",
+            f"{max([*errors, report.output_error or 0.0]):.1e}",
+            str(session_fused(path)),
+            f"{before:.2f}",
+            f"{times['attnopt']:.2f}",
+            f"×{before / times['attnopt']:.2f}",
+            fused,
+            f"{times['ort']:.2f}" if "ort" in times else "-",
+            f"×{before / times['ort']:.2f}" if "ort" in times else "-",
+        )
+        Console().print(f"{name}: done")
+    Console(width=200).print(table)
+
+
+if __name__ == "__main__":
+    main()
