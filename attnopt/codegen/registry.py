@@ -42,6 +42,11 @@ def register_kernel(kernel: Kernel) -> Kernel:
     return kernel
 
 
+def unregister_kernel(variant: str, device_type: str, name: str) -> None:
+    """Remove a kernel (tests and plugins that registered one for a while)."""
+    _KERNELS.get((variant, device_type), {}).pop(name, None)
+
+
 def kernels_for(variant: str, device_type: str) -> list[Kernel]:
     """Registered kernels for a variant on a device type, best first."""
     found = _KERNELS.get((variant, device_type), {}) | _KERNELS.get((variant, "any"), {})
