@@ -118,7 +118,9 @@ def timer(device: str, warmup: int, rep: int):
     def cpu_median(fn) -> float:
         for _ in range(2):
             fn()
-        measured = Timer("fn()", globals={"fn": fn}).blocked_autorange(min_run_time=rep / 1e3)
+        measured = Timer(
+            "fn()", globals={"fn": fn}, num_threads=torch.get_num_threads()
+        ).blocked_autorange(min_run_time=rep / 1e3)
         return measured.median * 1e3
 
     return cpu_median

@@ -5,3 +5,4 @@ imports (the compiler itself) to the first call.
 """
 
 import attnopt.codegen.triton.exact  # noqa: F401
+import attnopt.codegen.tvm.exact  # noqa: F401

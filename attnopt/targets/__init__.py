@@ -43,12 +43,24 @@ class Target:
 
     @property
     def llvm_target(self) -> str:
-        """The TVM target string for CPU targets."""
-        features = {"avx512f": "skylake-avx512", "avx2": "haswell"}
-        for flag, cpu in features.items():
+        """The TVM target for CPU targets, as the JSON TVM >= 0.27 parses (it rejects the old
+        ``llvm -mcpu=…`` strings): the oldest CPU model that has every vector extension found."""
+        import json
+
+        target: dict = {"kind": "llvm"}
+        models = (
+            ("avx512_fp16", "sapphirerapids"),
+            ("avx512_bf16", "cooperlake"),
+            ("avx512f", "skylake-avx512"),
+            ("avx2", "haswell"),
+        )
+        for flag, cpu in models:
             if flag in self.cpu_features:
-                return f"llvm -mcpu={cpu}"
-        return "llvm"
+                target["mcpu"] = cpu
+                break
+        if self.cpu_features & {"neon", "asimd"} and platform.machine() in ("arm64", "aarch64"):
+            target["mattr"] = ["+neon"]
+        return json.dumps(target)
 
 
 _TC_AMPERE = frozenset({"fp16", "bf16", "int8", "tf32"})

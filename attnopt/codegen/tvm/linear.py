@@ -1,0 +1,244 @@
+"""TVM chunked linear attention (ALGORITHMS.md §3, not gated) for CPUs, through LLVM.
+
+Follows the contract in ``codegen/reference/linear.py``: the caller applies the feature map, so
+the kernel takes φ(q), φ(k) and v, with GQA through the kv head ``h // (H // Hkv)``. One task per
+(batch, head) on TVM's thread pool walks the sequence in chunks of ``chunk`` tokens, keeping the
+state ``S = Σ φ(k) vᵀ`` (Dk × Dv) and the normaliser ``z = Σ φ(k)`` in fp32 on its stack:
+
+    A = tril(Q_c K_cᵀ)      out_c = (Q_c S + A V_c) / (Q_c z + rowsum A + eps)
+    S += K_cᵀ V_c           z += colsum K_c          (after the chunk's outputs)
+
+Without ``causal`` the state sums every key first and ``out_c = Q_c S / (Q_c z + eps)``. Inner
+loops are vectorised over the value dim, and over keys for ``Q_c K_cᵀ`` (from a transposed copy
+of ``K_c``). Shapes are symbolic: one compiled kernel per (head dims, dtype, config, target).
+Not wired into a pass yet.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from attnopt.autotune.runtime import config_for
+from attnopt.autotune.space import Config, ConfigSpace
+from attnopt.codegen.signature import KernelSignature
+from attnopt.codegen.tvm import cache
+from attnopt.codegen.tvm.exact import DTYPES, HALF_ISAS
+from attnopt.errors import KernelError
+from attnopt.targets import Target, resolve
+
+MAX_DIM = 256  # the state (Dk × Dv fp32) and the chunk's tiles live on the task's stack
+
+
+def _kernel(dk: int, dv: int, dtype: str, config: Config):
+    """The PrimFunc for head dims ``dk``/``dv`` and a config; every shape in it is symbolic."""
+    from tvm.script import tirx as T
+
+    from attnopt.codegen.tvm.tirlib import STACK
+
+    chunk, vec = config["chunk"], config["vec"]
+    dk64, dv64, unit = T.int64(dk), T.int64(dv), T.int64(1)
+
+    # K_c transposed and V_c of the keys from ``start``, in fp32, zero past the last key
+    @T.macro
+    def load_keys(K, V, kt, vs, b, hk, start, M):
+        for j, c in T.grid(chunk, dk):
+            kt[c, j] = T.if_then_else(
+                start + j < M, T.Cast("float32", K[b, hk, T.min(start + j, M - 1), c]), T.float32(0)
+            )
+        for j, cv in T.grid(chunk, dv // vec):
+            for c in T.vectorized(vec):
+                vs[j, cv * vec + c] = T.if_then_else(
+                    start + j < M,
+                    T.Cast("float32", V[b, hk, T.min(start + j, M - 1), cv * vec + c]),
+                    T.float32(0),
+                )
+
+    # S += K_cᵀ V_c and z += colsum K_c
+    @T.macro
+    def absorb_keys(state, norm, kt, vs):
+        for c in range(dk):
+            for j in range(chunk):
+                norm[c] = norm[c] + kt[c, j]
+                for cv in range(dv // vec):
+                    for e in T.vectorized(vec):
+                        state[c, cv * vec + e] = (
+                            state[c, cv * vec + e] + kt[c, j] * vs[j, cv * vec + e]
+                        )
+
+    @T.prim_func
+    def kernel(q: T.handle, k: T.handle, v: T.handle, o: T.handle, causal: T.int64, eps: T.float32):
+        T.func_attr({"tir.noalias": True})
+        B, H, HK, N, M = T.int64(), T.int64(), T.int64(), T.int64(), T.int64()
+        sq0, sq1, sq2 = T.int64(), T.int64(), T.int64()
+        sk0, sk1, sk2 = T.int64(), T.int64(), T.int64()
+        sv0, sv1, sv2 = T.int64(), T.int64(), T.int64()
+        Q = T.match_buffer(q, (B, H, N, dk64), dtype, strides=(sq0, sq1, sq2, unit))
+        K = T.match_buffer(k, (B, HK, M, dk64), dtype, strides=(sk0, sk1, sk2, unit))
+        V = T.match_buffer(v, (B, HK, M, dv64), dtype, strides=(sv0, sv1, sv2, unit))
+        OUT = T.match_buffer(o, (B, H, N, dv64), dtype)
+        for bh in T.parallel(B * H):
+            b: T.let = bh // H
+            h: T.let = bh % H
+            hk: T.let = h // (H // HK)
+            state = T.alloc_buffer((dk, dv), "float32", annotations=STACK)
+            norm = T.alloc_buffer((dk,), "float32", annotations=STACK)
+            qs = T.alloc_buffer((chunk, dk), "float32", annotations=STACK)
+            kt = T.alloc_buffer((dk, chunk), "float32", annotations=STACK)
+            vs = T.alloc_buffer((chunk, dv), "float32", annotations=STACK)
+            a = T.alloc_buffer((chunk, chunk), "float32", annotations=STACK)
+            num = T.alloc_buffer((chunk, dv), "float32", annotations=STACK)
+            den = T.alloc_buffer((chunk,), "float32", annotations=STACK)
+            for c in range(dk):
+                norm[c] = T.float32(0)
+                for e in range(dv):
+                    state[c, e] = T.float32(0)
+            if causal == 0:
+                for ck in range((M + chunk - 1) // chunk):
+                    load_keys(K, V, kt, vs, b, hk, ck * chunk, M)
+                    absorb_keys(state, norm, kt, vs)
+            for cq in range((N + chunk - 1) // chunk):
+                t0: T.let = cq * chunk
+                for i, c in T.grid(chunk, dk):
+                    qs[i, c] = T.if_then_else(
+                        t0 + i < N,
+                        T.Cast("float32", Q[b, h, T.min(t0 + i, N - 1), c]),
+                        T.float32(0),
+                    )
+                for i, e in T.grid(chunk, dv):
+                    num[i, e] = T.float32(0)
+                for i in range(chunk):
+                    den[i] = T.float32(0)
+                if causal != 0:
+                    load_keys(K, V, kt, vs, b, hk, t0, M)
+                    # A = tril(Q_c K_cᵀ), then its rows into the numerator and denominator
+                    for i, jv in T.grid(chunk, chunk // vec):
+                        for j in T.vectorized(vec):
+                            a[i, jv * vec + j] = T.float32(0)
+                        for c in range(dk):
+                            for j in T.vectorized(vec):
+                                a[i, jv * vec + j] = (
+                                    a[i, jv * vec + j] + qs[i, c] * kt[c, jv * vec + j]
+                                )
+                        for j in T.vectorized(vec):
+                            a[i, jv * vec + j] = T.Select(
+                                jv * vec + j <= i, a[i, jv * vec + j], T.float32(0)
+                            )
+                    for i in range(chunk):
+                        for j in range(i + 1):
+                            den[i] = den[i] + a[i, j]
+                            for cv in range(dv // vec):
+                                for e in T.vectorized(vec):
+                                    num[i, cv * vec + e] = (
+                                        num[i, cv * vec + e] + a[i, j] * vs[j, cv * vec + e]
+                                    )
+                # the state of the keys before the chunk (every key when not causal)
+                for i in range(chunk):
+                    for c in range(dk):
+                        den[i] = den[i] + qs[i, c] * norm[c]
+                        for cv in range(dv // vec):
+                            for e in T.vectorized(vec):
+                                num[i, cv * vec + e] = (
+                                    num[i, cv * vec + e] + qs[i, c] * state[c, cv * vec + e]
+                                )
+                for i in range(T.min(T.int64(chunk), N - t0)):
+                    for cv in range(dv // vec):
+                        for e in T.vectorized(vec):
+                            OUT[b, h, t0 + i, cv * vec + e] = T.Cast(
+                                dtype, num[i, cv * vec + e] / (den[i] + eps)
+                            )
+                if causal != 0:
+                    absorb_keys(state, norm, kt, vs)
+
+    return kernel
+
+
+# ----------------------------------------------------------------------------- config space
+
+PARAMS = {
+    "chunk": (16, 32, 64, 128),  # tokens per chunk
+    "vec": (4, 8, 16),  # fp32 lanes per vector
+}
+
+
+def _keep(config: Config, target: Target, sig: KernelSignature) -> str | None:
+    """None, or why ``config`` cannot run on ``target`` for ``sig``."""
+    if target.is_gpu:
+        return f"target {target.name!r} is a GPU; this kernel is for CPUs"
+    value_dim = sig.value_dim or sig.head_dim
+    if max(sig.head_dim, value_dim) > MAX_DIM:
+        return f"head dim {max(sig.head_dim, value_dim)} is above {MAX_DIM}"
+    bits = 32 * config["vec"]
+    if bits > max(target.vector_bits, 128):
+        return f"vec={config['vec']} needs {bits}-bit vectors, {target.name!r} has fewer"
+    if config["chunk"] % config["vec"] or value_dim % config["vec"]:
+        return f"chunk and value dim must be multiples of vec={config['vec']}"
+    return None
+
+
+def _default(target: Target, sig: KernelSignature) -> Config:
+    """Chunks of 64 tokens (ALGORITHMS.md's example) and the widest vectors that fit."""
+    configs = [{"chunk": 64, "vec": vec} for vec in (16, 8, 4)]
+    return next((c for c in configs if _keep(c, target, sig) is None), configs[-1])
+
+
+SPACE = ConfigSpace("tvm.linear.cpu", PARAMS, _keep, _default, variant="linear")
+
+
+# ----------------------------------------------------------------------------- launcher
+
+
+@functools.cache
+def _target() -> Target:
+    return resolve("cpu")
+
+
+def _contract(q, k, v, causal: bool) -> str | None:
+    """None, or how the inputs break the contract of ``reference/linear.py``."""
+    if q.device.type != "cpu":
+        return f"the TVM linear kernel runs on CPU tensors, got {q.device.type}"
+    if q.dtype not in DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        return f"q, k, v must share one of {tuple(DTYPES)}, got {q.dtype}, {k.dtype}, {v.dtype}"
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        return "q, k, v must be 4-D (B, H, N, Dk) and (B, Hkv, M, Dk)"
+    (batch, heads, n, dk), (kv_batch, kv_heads, m, _) = q.shape, k.shape
+    if kv_batch != batch or k.shape[-1] != dk or v.shape[:3] != k.shape[:3] or heads % kv_heads:
+        shapes = f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
+        return f"{shapes} break the contract (B, H, N, Dk), (B, Hkv, M, Dk), H % Hkv == 0"
+    if causal and n != m:
+        return f"causal linear attention needs as many keys as queries, got {m} and {n}"
+    if 0 in (*q.shape, *k.shape, *v.shape):
+        return "empty inputs"
+    isas = HALF_ISAS.get(DTYPES[q.dtype], frozenset())
+    if isas and not _target().cpu_features & isas:
+        return f"{DTYPES[q.dtype]} on CPU needs one of {sorted(isas)} for vector conversions"
+    return None
+
+
+def forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool = True,
+    eps: float = 1e-6,
+    config: Config | None = None,
+) -> torch.Tensor:
+    """``reference.linear_attention(q, k, v, causal=, eps=)``; ``config`` overrides the default."""
+    reason = _contract(q, k, v, causal)
+    if reason is not None:
+        raise KernelError(reason)
+    target = _target()
+    sig = KernelSignature.of(q, k, v, "causal" if causal else "none")
+    config = dict(config) if config is not None else config_for(SPACE, target, sig)[0]
+    bad = SPACE.keep(config, target, sig)
+    if bad is not None:
+        raise KernelError(f"config {config} cannot run here: {bad}; pass another or none")
+    dk, dv, dtype = q.shape[-1], v.shape[-1], DTYPES[q.dtype]
+    key = {"head_dim": dk, "value_dim": dv, "dtype": dtype, **config}
+    function = cache.kernel_function("tvm.linear.cpu", key, target, _kernel, dk, dv, dtype, config)
+    q, k, v = (t.detach() if t.stride(-1) == 1 else t.detach().contiguous() for t in (q, k, v))
+    out = q.new_empty(*q.shape[:3], dv)
+    function(q, k, v, out, int(causal), eps)
+    return out
