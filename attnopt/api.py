@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from attnopt.codegen.registry import kernels_for
+from attnopt.codegen.registry import Kernel, kernels_for, select_kernel
 from attnopt.codegen.signature import KernelSignature
 from attnopt.errors import AttnoptError, ShapeError
 from attnopt.passes.plan import plan
@@ -190,8 +190,7 @@ def _configure_kernel(
     trials: int,
 ) -> None:
     """Install the site's tuned (or default) launch config and say which in the report."""
-    device_type = "cuda" if target.is_gpu else "cpu"
-    kernel = next(k for k in kernels_for("exact", device_type))
+    kernel = _kernel_at_example(sig, "cuda" if target.is_gpu else "cpu")
     site_report.kernel = f"attnopt::attention -> {kernel.name}"
     if kernel.name == "reference":
         site_report.config = "none (plain-torch reference)"
@@ -208,6 +207,19 @@ def _configure_kernel(
     site_report.config = "; ".join(
         f"{name} {config} [{source}]" for name, config, source in installed
     )
+
+
+def _kernel_at_example(sig: KernelSignature, device_type: str) -> Kernel:
+    """The kernel the op picks for this site at the example's sizes (on a device this machine
+    lacks, the target's first choice)."""
+    if device_type == "cuda" and not torch.cuda.is_available():
+        return kernels_for("exact", device_type)[0]
+    kv_heads = max(1, sig.heads // sig.kv_group)
+    like = {"device": device_type, "dtype": getattr(torch, sig.dtype, torch.float32)}
+    q = torch.empty(sig.batch, sig.heads, sig.n, sig.head_dim, **like)
+    k = torch.empty(sig.batch, kv_heads, sig.m, sig.head_dim, **like)
+    v = torch.empty(sig.batch, kv_heads, sig.m, sig.value_dim or sig.head_dim, **like)
+    return select_kernel("exact", q, k, v, None, "causal" in sig.mask_kind, 0)
 
 
 def _main_dtype(outputs: Any) -> torch.dtype:

@@ -13,17 +13,20 @@ from transformers import GPT2Config, GPT2LMHeadModel
 import attnopt
 
 
-def median_ms(fn, *args, repeats: int = 10, **kwargs) -> float:
-    """Median wall time of ``fn`` in milliseconds after two warm-up calls."""
+def median_ms(models: dict, inputs: dict, rounds: int = 15) -> dict[str, float]:
+    """Median wall time (ms) of each model, measured in alternating turns after a warm-up, so
+    both see the same machine state (thread pools, caches, other load)."""
+    times: dict[str, list[float]] = {name: [] for name in models}
     with torch.no_grad():
-        for _ in range(2):
-            fn(*args, **kwargs)
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn(*args, **kwargs)
-            times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+        for model in models.values():
+            model(**inputs)
+            model(**inputs)
+        for _ in range(rounds):
+            for name, model in models.items():
+                start = time.perf_counter()
+                model(**inputs)
+                times[name].append((time.perf_counter() - start) * 1e3)
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def main() -> None:
@@ -49,8 +52,8 @@ def main() -> None:
     other = {"input_ids": torch.randint(0, 1000, (3, 200))}
     with torch.no_grad():
         err = (optimized(**other).logits - model(**other).logits).abs().max().item()
-    original_ms = median_ms(model, **other)
-    optimized_ms = median_ms(optimized, **other)
+    timings = median_ms({"original": model, "optimized": optimized}, other)
+    original_ms, optimized_ms = timings["original"], timings["optimized"]
     console.print(
         f"batch 3 × seq 200: max |logits diff| = {err:.2e}; original {original_ms:.1f} ms, "
         f"optimized {optimized_ms:.1f} ms ({original_ms / optimized_ms:.2f}× speed)"

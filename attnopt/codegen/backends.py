@@ -4,5 +4,6 @@ One import per backend module; each registers its kernels at import time and def
 imports (the compiler itself) to the first call.
 """
 
+import attnopt.codegen.sdpa  # noqa: F401
 import attnopt.codegen.triton.exact  # noqa: F401
 import attnopt.codegen.tvm.exact  # noqa: F401

@@ -184,8 +184,9 @@ def test_config_space():
 
 
 def test_supports_gives_reasons():
+    assert tvm_exact.supports(*inputs(1, 4, 1, 1024, 1024, 64), None, False, 0) is None
     q, k, v = inputs(1, 2, 1, 16, 16, 64)
-    assert tvm_exact.supports(q, k, v, None, False, 0) is None
+    assert "thread-pool" in tvm_exact.supports(q, k, v, None, False, 0)
     assert "share one of" in tvm_exact.supports(q.double(), k, v, None, False, 0)
     assert "head dim" in tvm_exact.supports(*inputs(1, 1, 1, 16, 4, 320), None, False, 0)
     assert "bool or floating" in tvm_exact.supports(
@@ -198,7 +199,9 @@ def test_supports_gives_reasons():
 
 def test_attention_op_dispatches_to_tvm_on_cpu():
     """``attnopt::attention`` picks this kernel on CPU and matches the reference through it."""
-    q, k, v = inputs(2, 4, 2, 20, 20, 64)
+    small = inputs(2, 4, 2, 20, 20, 64)
+    assert registry.select_kernel("exact", *small, None, True, 0).name == "sdpa"
+    q, k, v = inputs(1, 4, 2, 1024, 1024, 64)
     assert registry.select_kernel("exact", q, k, v, None, True, 0).name == "tvm"
     out = torch.ops.attnopt.attention(q, k, v, None, 0.125, True, 0, float("-inf"), 2)
     with ops.use_kernel("reference"):

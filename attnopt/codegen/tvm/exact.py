@@ -63,6 +63,10 @@ MASK_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat1
 # Below this many queries the CPU kernel's per-call K transpose outweighs its work (measured on
 # 16 heads × 2048 keys: 8 queries 1.7 ms against the reference's 1.6, 16 queries 2.1 against 2.7).
 MIN_QUERIES = 16
+# Below this many scores (batch × heads × n × m) a call inside a model is slower than torch's
+# SDPA on CPU: handing work from torch's OpenMP pool to TVM's costs ~1-3 ms on 2 cores
+# (4-layer GPT-2, 3 × 8 heads × 200²: 0.8× eager; 12 heads × 1024²: 1.7× eager).
+MIN_WORK = 1 << 22
 
 
 @dataclass(frozen=True)
@@ -724,7 +728,12 @@ def supports(q, k, v, mask, causal: bool, window: int) -> str | None:
     sig = _signature(q, k, v, mask, causal, window)
     config, source = config_for(_space(target), target, sig)
     bad = _space(target).keep(config, target, sig)
-    return None if bad is None else f"the {source} config {config} cannot run: {bad}"
+    if bad is not None:
+        return f"the {source} config {config} cannot run: {bad}"
+    work = q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2]
+    if q.device.type == "cpu" and work < MIN_WORK:
+        return f"{work} scores: below {MIN_WORK} the thread-pool handoff outweighs the kernel"
+    return None
 
 
 def _compact(mask: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
