@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 from torch import fx, nn
+from torch.utils import _pytree as pytree
 
 from attnopt.codegen.registry import Kernel, kernels_for, select_kernel
 from attnopt.codegen.signature import KernelSignature
@@ -223,8 +224,6 @@ def _kernel_at_example(sig: KernelSignature, device_type: str) -> Kernel:
 
 
 def _main_dtype(outputs: Any) -> torch.dtype:
-    from torch.utils import _pytree as pytree
-
     for leaf in pytree.tree_leaves(outputs):
         if isinstance(leaf, torch.Tensor) and leaf.is_floating_point():
             return leaf.dtype

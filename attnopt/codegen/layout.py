@@ -50,7 +50,7 @@ def to_heads(q, k, v, mask, kv_group: int) -> HeadsLayout:
         batch = math.prod(lead[:-1])
         lead_q = [batch, heads]
         k_heads = _pad_left(k.shape[:-2], len(lead))[-1]
-        lead_k = [batch, k_heads if k_heads != heads else heads]
+        lead_k = [batch, k_heads]
     q4 = q.expand(*lead, *q.shape[-2:]).reshape(*lead_q, *q.shape[-2:])
     k_lead = [*lead[:-1], lead_k[1]] if lead else []
     k4 = k.expand(*k_lead, *k.shape[-2:]).reshape(*lead_k, *k.shape[-2:])

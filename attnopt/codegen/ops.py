@@ -49,10 +49,10 @@ def _pick(q, k, v, mask, causal: bool, window: int) -> Kernel:
 def _run(q, k, v, mask, scale, causal, window, fill, kv_group):
     heads = to_heads(q, k, v, mask, kv_group)
     kernel = _pick(heads.q, heads.k, heads.v, heads.mask, causal, window)
-    out, lse = kernel.forward(
+    out, _ = kernel.forward(
         heads.q, heads.k, heads.v, heads.mask, scale=scale, causal=causal, window=window, fill=fill
     )
-    return out.reshape(heads.out_shape), kernel
+    return out.reshape(heads.out_shape)
 
 
 @torch.library.custom_op("attnopt::attention", mutates_args=())
@@ -68,8 +68,7 @@ def attention(
     kv_group: int,
 ) -> torch.Tensor:
     """softmax(scale·q·kᵀ (+ mask) with causal/window exclusions)·v, in the site's own layout."""
-    out, _ = _run(q, k, v, mask, scale, causal, window, fill, kv_group)
-    return out
+    return _run(q, k, v, mask, scale, causal, window, fill, kv_group)
 
 
 @attention.register_fake

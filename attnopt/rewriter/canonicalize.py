@@ -257,7 +257,7 @@ def _band_from_compare(view: GraphView, n: str, keep: bool) -> Band | None:
     zero = scalar_value(view, b)
     if cmp in ("eq", "ne") and zero == 0:
         # tril-ones buffer (or triangle) compared with 0: eq marks dropped pairs.
-        return _keep_band_of_values(view, a, keep if cmp == "ne" else not keep)
+        return keep_band(view, a, keep if cmp == "ne" else not keep)
     pa, pb = _positions(view, a), _positions(view, b)
     if pa is None or pb is None:
         return None
@@ -272,18 +272,6 @@ def _band_from_compare(view: GraphView, n: str, keep: bool) -> Band | None:
         return Band(off_a - off_b, len_a, len_b)
     if cmp == "gt" and keep or cmp == "le" and not keep:  # keep c_j < r_i
         return Band(off_a - off_b - 1, len_a, len_b)
-    return None
-
-
-def _keep_band_of_values(view: GraphView, n: Operand, keep: bool) -> Band | None:
-    """The band where a 0/1 tensor is nonzero (``keep``) or zero (not ``keep``)."""
-    n = _skip_identity(view, n)
-    if not isinstance(n, str):
-        return None
-    if view.op(n) in ("tril", "triu"):
-        return _band_from_triangle(view, n, keep)
-    if view.op(n) == "slice":
-        return _sliced_buffer_band(view, n, keep)
     return None
 
 
