@@ -10,6 +10,7 @@ TPE (multivariate, seedable) is the default; the grid sampler gives exhaustive b
 from __future__ import annotations
 
 import random
+import threading
 from collections import Counter
 
 import optuna
@@ -48,6 +49,9 @@ class Strategy:
         self.choices = space.choices(target, sig)
         self.sampler = _sampler(sampler, self.choices, seed)
         self._rng = random.Random(seed)
+        # Threads of one process share the Study: two concurrent asks can pop the same
+        # enqueued trial, so asking is serialised (measuring stays parallel).
+        self._asking = threading.Lock()
 
     def default(self) -> Config | None:
         """The space's default for this target and signature, if it is valid."""
@@ -56,6 +60,10 @@ class Strategy:
 
     def ask(self, study: optuna.Study) -> tuple[Trial, Config]:
         """A new RUNNING trial and the valid config it stands for."""
+        with self._asking:
+            return self._ask(study)
+
+    def _ask(self, study: optuna.Study) -> tuple[Trial, Config]:
         rejected = 0
         while True:
             trial = study.ask()
