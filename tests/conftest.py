@@ -1,4 +1,5 @@
-"""Shared test fixtures: deterministic seeds, and the CUDA check behind the ``gpu`` marker."""
+"""Shared test fixtures: deterministic seeds, the CPU ISA levels to build for, and the CUDA
+check behind the ``gpu`` marker."""
 
 from __future__ import annotations
 
@@ -13,10 +14,20 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+from attnopt.targets import CPU_TARGET_ENV, Target, cpu_levels, cpu_target  # noqa: E402
+
 
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture(params=cpu_levels())
+def cpu_level(request, monkeypatch) -> Target:
+    """Each vector ISA level this machine can execute (AVX2, and AVX-512 where present), pinned
+    through ``ATTNOPT_CPU_TARGET`` for the test, so an AVX-512 machine also proves the AVX2 code."""
+    monkeypatch.setenv(CPU_TARGET_ENV, request.param)
+    return cpu_target(request.param)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -3,11 +3,15 @@
 A ``Target`` is a frozen record; ``TARGETS`` maps names to them. Code asks a target
 (``target.smem_per_block``, ``target.has_tensor_cores(dtype)``), never the device inline.
 ``resolve("auto")`` reads the running device (driver properties for CUDA, CPU flags for LLVM).
+``ATTNOPT_CPU_TARGET=avx2`` pins the CPU target to an older ISA level the host can execute, so
+an AVX-512 machine builds and tests the code an AVX2-only machine runs.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import os
 import platform
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -87,6 +91,13 @@ _GPU_NAMES = (
 )
 
 
+CPU_TARGET_ENV = "ATTNOPT_CPU_TARGET"
+# ISA levels a CPU target can be pinned to: the flag the host needs and the vector width.
+CPU_LEVELS: dict[str, tuple[str, int]] = {"avx2": ("avx2", 256), "avx512": ("avx512f", 512)}
+_CPU_FLAGS = frozenset({"avx2", "avx512f", "avx512_bf16", "avx512_fp16", "fma", "neon", "asimd"})
+
+
+@functools.cache
 def _cpu_flags() -> frozenset[str]:
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.exists():
@@ -98,11 +109,36 @@ def _cpu_flags() -> frozenset[str]:
     return frozenset()
 
 
-def detect_cpu() -> Target:
-    """The CPU target with the features of this machine's processor."""
-    flags = _cpu_flags() & {"avx2", "avx512f", "avx512_bf16", "avx512_fp16", "fma", "neon", "asimd"}
+def cpu_levels() -> list[str]:
+    """The ISA levels of ``CPU_LEVELS`` this machine can execute, narrowest first."""
+    return [level for level, (flag, _) in CPU_LEVELS.items() if flag in _cpu_flags()]
+
+
+@functools.cache
+def cpu_target(level: str = "native") -> Target:
+    """This machine's CPU target (``"native"``), or one pinned to an ISA level it can execute:
+    features above the level are dropped, so LLVM emits none of their instructions."""
+    flags = _cpu_flags() & _CPU_FLAGS
     bits = 512 if "avx512f" in flags else 256 if "avx2" in flags else 128
+    if level != "native":
+        if level not in CPU_LEVELS:
+            known = ", ".join(["native", *CPU_LEVELS])
+            raise UnsupportedTargetError(f"unknown CPU target {level!r}; choose one of: {known}")
+        flag, bits = CPU_LEVELS[level]
+        if flag not in flags:
+            raise UnsupportedTargetError(
+                f"CPU target {level!r} needs {flag}, which this CPU lacks; "
+                f"it can run: {', '.join(['native', *cpu_levels()])}"
+            )
+        if bits < 512:
+            flags = frozenset(f for f in flags if not f.startswith("avx512"))
     return dataclasses.replace(TARGETS["cpu"], cpu_features=flags, vector_bits=bits)
+
+
+def detect_cpu() -> Target:
+    """The CPU target kernels are built for: this machine's, or the level ``ATTNOPT_CPU_TARGET``
+    pins (read on every call, so a test or benchmark can switch it)."""
+    return cpu_target(os.environ.get(CPU_TARGET_ENV) or "native")
 
 
 def detect_cuda(device: int = 0) -> Target:

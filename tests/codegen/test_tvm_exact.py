@@ -1,7 +1,9 @@
 """The TVM exact kernel against the fp32 reference: shapes, masks, GQA, strides, dtypes, configs.
 
 Shapes are symbolic in the kernel, so the grid below compiles one kernel per (mask kind, dtype,
-head dims, config) and every other case reuses it; the session shares one cache directory.
+head dims, config) and every other case reuses it; the session shares one cache directory. The
+grid runs on the detected CPU target (``ATTNOPT_CPU_TARGET`` pins it); a representative part runs
+on every vector ISA level the machine can execute (``cpu_level``), AVX2 included.
 Errors are relative RMS, bounded by a multiple of the dtype's epsilon (1e-5 in fp32, the bound
 the whole-model tests hold optimized models to).
 """
@@ -18,7 +20,7 @@ from attnopt.codegen.signature import KernelSignature
 from attnopt.codegen.tvm import cache
 from attnopt.codegen.tvm import exact as tvm_exact
 from attnopt.errors import KernelError
-from attnopt.targets import TARGETS, detect_cpu
+from attnopt.targets import TARGETS, Target
 
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 FP32_MIN = torch.finfo(torch.float32).min
@@ -101,7 +103,16 @@ def test_matches_reference(shape, kind):
     check(q, k, v, mask, causal=causal, window=window)
 
 
-def test_long_causal_rows_cross_many_blocks():
+@pytest.mark.parametrize("kind", ["none", "band", "additive", "boolean", "padding"])
+def test_every_cpu_level(cpu_level: Target, kind):
+    """A GQA shape with odd lengths and each compiled mask case, built for each ISA level."""
+    b, h, kv, n, m = 2, 4, 2, 37, 53
+    q, k, v = inputs(b, h, kv, n, m, 64)
+    mask, causal, window = make_mask(kind, b, h, n, m)
+    check(q, k, v, mask, causal=causal, window=window)
+
+
+def test_long_causal_rows_cross_many_blocks(cpu_level: Target):
     """Several query tiles and key blocks: the running max and sum are rescaled across blocks,
     and blocks wholly inside the band skip the mask."""
     q, k, v = inputs(1, 2, 1, 300, 450, 64, seed=1)
@@ -142,10 +153,10 @@ def test_masks_read_in_place_whatever_their_layout():
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-def test_half_dtypes(dtype):
+def test_half_dtypes(dtype, cpu_level: Target):
     q, k, v = inputs(1, 4, 2, 45, 77, 64, dtype=dtype)
-    if tvm_exact.supports(q, k, v, None, True, 0) is not None:
-        pytest.skip(tvm_exact.supports(q, k, v, None, True, 0))
+    if tvm_exact._contract(q, k, v, None) is not None:  # not supports(): no size threshold
+        pytest.skip(tvm_exact._contract(q, k, v, None))
     check(q, k, v, causal=True)
     mask, _, _ = make_mask("additive", 1, 4, 45, 77)
     check(q, k, v, mask.to(dtype))
@@ -157,8 +168,8 @@ def test_other_head_dims():
     check(*inputs(2, 2, 2, 21, 34, 80, dv=48), causal=True)
 
 
-def test_explicit_config_and_parallel_over_tiles():
-    config = dict(tvm_exact.FORWARD_SPACE.default(detect_cpu(), _sig(64)))
+def test_explicit_config_and_parallel_over_tiles(cpu_level: Target):
+    config = dict(tvm_exact.FORWARD_SPACE.default(cpu_level, _sig(64)))
     config.update(block_m=24, rows=4, cols=2, pv_cols=2, parallel=1)
     check(*inputs(1, 1, 1, 100, 90, 64), causal=True, config=config)
 
@@ -167,15 +178,21 @@ def _sig(d, **kw) -> KernelSignature:
     return KernelSignature(head_dim=d, dtype="float32", **kw)
 
 
-def test_config_space():
-    target = detect_cpu()
-    space = tvm_exact.FORWARD_SPACE
+def test_config_space(cpu_level: Target):
+    """Defaults fit every signature; wider vectors or taller register tiles than the target
+    has are refused, each for its own reason."""
+    target, space = cpu_level, tvm_exact.FORWARD_SPACE
     for sig in (_sig(64), _sig(128), _sig(40), _sig(80, value_dim=48), _sig(64, heads=1)):
         default = space.default(target, sig)
         assert space.keep(default, target, sig) is None, (sig, default)
     assert space.valid(target, _sig(64))
-    too_wide = dict(space.default(target, _sig(64)), vec=16, pv_cols=8, rows=8)
-    assert "registers" in space.keep(too_wide, target, _sig(64))
+    lanes = target.vector_bits // 32
+    assert space.default(target, _sig(64))["vec"] == lanes  # the widest vectors the target has
+    if lanes < 16:
+        too_wide = dict(space.default(target, _sig(64)), vec=16)
+        assert "512-bit vectors" in space.keep(too_wide, target, _sig(64))
+    too_tall = dict(space.default(target, _sig(64)), vec=lanes, pv_cols=8, rows=8)
+    assert "registers" in space.keep(too_tall, target, _sig(64))
     ragged = dict(space.default(target, _sig(64)), block_m=32, rows=6)
     assert "multiple of rows" in space.keep(ragged, target, _sig(64))
     q, k, v = inputs(1, 1, 1, 8, 8, 64)

@@ -2,7 +2,8 @@
 
 The reference itself is checked against the quadratic form ``tril(φ(Q)φ(K)ᵀ)V / rowsum``; the
 kernel over odd lengths (chunks cut mid-sequence), GQA, causal and not, ELU+1 and ReLU feature
-maps (ReLU leaves rows with a zero denominator), head dims that differ, half dtypes and configs.
+maps (ReLU leaves rows with a zero denominator), head dims that differ, half dtypes and configs;
+a representative part on every vector ISA level the machine can execute (``cpu_level``).
 """
 
 import pytest
@@ -14,7 +15,7 @@ from attnopt.codegen.signature import KernelSignature
 from attnopt.codegen.tvm import cache
 from attnopt.codegen.tvm import linear as tvm_linear
 from attnopt.errors import KernelError
-from attnopt.targets import detect_cpu
+from attnopt.targets import Target
 
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 FEATURES = {"elu1": lambda x: F.elu(x) + 1, "relu": F.relu}
@@ -78,30 +79,40 @@ def test_matches_reference(shape, causal, feature):
     check(*inputs(b, h, kv, n, n, dk, dv, feature), causal)
 
 
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize("shape", [SHAPES[1], SHAPES[3]], ids=lambda s: "x".join(map(str, s)))
+def test_every_cpu_level(cpu_level: Target, shape, causal):
+    b, h, kv, n, dk, dv = shape
+    check(*inputs(b, h, kv, n, n, dk, dv), causal)
+
+
 def test_cross_attention_lengths():
     """Without causality keys and queries may differ in number."""
     check(*inputs(2, 2, 1, 20, 91, 64, 64), causal=False)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-def test_half_dtypes(dtype):
+def test_half_dtypes(dtype, cpu_level: Target):
     q, k, v = inputs(1, 2, 2, 45, 45, 64, 64, dtype=dtype)
     if tvm_linear._contract(q, k, v, True) is not None:
         pytest.skip(tvm_linear._contract(q, k, v, True))
     check(q, k, v, causal=True)
 
 
-def test_explicit_config_and_strides():
+def test_explicit_config_and_strides(cpu_level: Target):
     q, k, v = inputs(1, 2, 1, 50, 50, 64, 64)
     heads_minor = q.transpose(1, 2).contiguous().transpose(1, 2)
     check(heads_minor, k, v, causal=True, config={"chunk": 16, "vec": 4})
 
 
-def test_config_space():
-    target = detect_cpu()
+def test_config_space(cpu_level: Target):
+    target = cpu_level
     sig = KernelSignature(head_dim=64, dtype="float32", mask_kind="causal", value_dim=48)
     default = tvm_linear.SPACE.default(target, sig)
     assert tvm_linear.SPACE.keep(default, target, sig) is None
+    assert default["vec"] == target.vector_bits // 32  # the widest vectors the target has
+    if target.vector_bits < 512:
+        assert "512-bit vectors" in tvm_linear.SPACE.keep({"chunk": 64, "vec": 16}, target, sig)
     assert "multiples of vec" in tvm_linear.SPACE.keep({"chunk": 20, "vec": 8}, target, sig)
 
 

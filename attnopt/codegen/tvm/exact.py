@@ -658,11 +658,14 @@ def _has_tvm() -> bool:
 
 
 @functools.cache
+def _cuda_target(index: int) -> Target:
+    return dataclasses.replace(detect_cuda(index), backend="tvm-cuda")
+
+
 def _target(device_type: str, index: int | None) -> Target:
-    """The target launches on a device are built for, read once per device."""
-    if device_type == "cuda":
-        return dataclasses.replace(detect_cuda(index or 0), backend="tvm-cuda")
-    return resolve("cpu")
+    """The target launches on a device are built for: a GPU's is read once, the CPU's on every
+    call (cheap) so that ``ATTNOPT_CPU_TARGET`` can change it."""
+    return _cuda_target(index or 0) if device_type == "cuda" else resolve("cpu")
 
 
 def _space(target: Target) -> ConfigSpace:

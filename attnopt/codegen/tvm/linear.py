@@ -16,8 +16,6 @@ Not wired into a pass yet.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
 from attnopt.autotune.runtime import config_for
@@ -189,8 +187,8 @@ SPACE = ConfigSpace("tvm.linear.cpu", PARAMS, _keep, _default, variant="linear")
 # ----------------------------------------------------------------------------- launcher
 
 
-@functools.cache
 def _target() -> Target:
+    """Read on every call (cheap), so that ``ATTNOPT_CPU_TARGET`` can change it."""
     return resolve("cpu")
 
 
