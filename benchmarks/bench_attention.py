@@ -3,6 +3,13 @@
     python benchmarks/bench_attention.py                       # cuda: triton, bf16 shape grid
     python benchmarks/bench_attention.py --device cpu --backend tvm
     python benchmarks/bench_attention.py --device cpu --backend reference --n 128 --d 64
+    python benchmarks/bench_attention.py --device cpu --backend tvm --cpu-target avx2 --always
+
+``--cpu-target avx2`` builds the TVM kernels for AVX2 on any newer CPU (``ATTNOPT_CPU_TARGET``);
+to hold torch (SDPA, eager) to AVX2 as well, start the process with ``ATEN_CPU_CAPABILITY=avx2
+MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2``; the title names both. ``--always`` times
+the kernel where its ``supports`` declines for size (to check a dispatch threshold like the TVM
+kernel's ``MIN_WORK``); a broken contract still becomes a note.
 
 For each shape (batch, heads, n, head_dim, causal, kv_heads) one process times the kernel that
 ``--backend`` names in the registry for the device, ``F.scaled_dot_product_attention`` (its default
@@ -15,6 +22,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,6 +34,8 @@ from rich.table import Table
 
 from attnopt.codegen import ops  # noqa: F401  (registers the reference and compiled kernels)
 from attnopt.codegen.registry import Kernel, kernels_for
+from attnopt.errors import KernelError
+from attnopt.targets import CPU_LEVELS, CPU_TARGET_ENV, detect_cpu
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 TOKENS = 16384  # batch × n held fixed on CUDA, as FlashAttention's benchmarks do
@@ -131,8 +141,11 @@ def rel_rms(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return (diff / expected.float().norm().clamp_min(1e-12)).item()
 
 
-def bench_shape(shape: Shape, kernel: Kernel, dtype, device: str, measure) -> list[Row]:
-    """Rows for the kernel, SDPA and eager on one shape; failures become notes, not crashes."""
+def bench_shape(
+    shape: Shape, kernel: Kernel, dtype, device: str, measure, always: bool = False
+) -> list[Row]:
+    """Rows for the kernel, SDPA and eager on one shape; failures become notes, not crashes.
+    ``always``: time the kernel even where ``supports`` declines (the note keeps the reason)."""
     gen = torch.Generator(device=device).manual_seed(0)
     q = torch.randn(shape.batch, shape.heads, shape.n, shape.head_dim, generator=gen, device=device)
     kv_shape = (shape.batch, shape.kv_heads, shape.n, shape.head_dim)
@@ -155,14 +168,17 @@ def bench_shape(shape: Shape, kernel: Kernel, dtype, device: str, measure) -> li
     expected = sdpa()
     timed: dict[str, tuple[float | None, float | None, str]] = {}
     for name, fn in impls.items():
-        if name == kernel.name and reason is not None:
+        if name == kernel.name and reason is not None and not always:
             timed[name] = (None, None, reason)
             continue
+        note = "supports() declines" if name == kernel.name and reason else ""
         try:
             err = rel_rms(fn(), expected)
-            timed[name] = (measure(fn), err, "")
+            timed[name] = (measure(fn), err, note)
         except torch.OutOfMemoryError:
             timed[name] = (None, None, "out of memory")
+        except KernelError as error:  # --always on inputs outside the kernel's contract
+            timed[name] = (None, None, str(error))
         if device == "cuda":
             torch.cuda.empty_cache()
     sdpa_ms = timed["sdpa"][0]
@@ -192,15 +208,18 @@ def _fmt(value: float | None, spec: str) -> str:
 
 def show(rows: list[Row], title: str) -> None:
     table = Table(title=title)
-    for column in ("b", "h", "kv", "n", "d", "causal", "impl", "ms", "TFLOP/s", "×SDPA", "err"):
+    columns = ("b", "h", "kv", "n", "d", "scores", "causal", "impl", "ms", "TFLOP/s", "×SDPA")
+    for column in (*columns, "err", "note"):
         table.add_column(column, justify="left" if column in ("impl", "causal") else "right")
     for r in rows:
+        scores = r.batch * r.heads * r.n * r.n  # what the CPU dispatch threshold counts
         table.add_row(
-            *map(str, (r.batch, r.heads, r.kv_heads, r.n, r.head_dim, r.causal, r.impl)),
-            _fmt(r.ms, ".3f") if r.ms is not None else r.note,
+            *map(str, (r.batch, r.heads, r.kv_heads, r.n, r.head_dim, scores, r.causal, r.impl)),
+            _fmt(r.ms, ".3f"),
             _fmt(r.tflops, ".2f"),
             _fmt(r.vs_sdpa, ".2f"),
             _fmt(r.rel_err, ".1e"),
+            r.note,
         )
     Console(width=max(Console().width, 120)).print(table)  # no truncated columns in logs
 
@@ -231,6 +250,12 @@ def plot(rows: list[Row], path: Path) -> None:
     fig.savefig(path)
 
 
+def _cpu_isa() -> str:
+    """The vector ISA the TVM CPU kernels are built for, as the title names it."""
+    bits = detect_cpu().vector_bits
+    return next((level for level, (_, width) in CPU_LEVELS.items() if width == bits), f"{bits}-bit")
+
+
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=["cuda", "cpu"], default=None)
@@ -243,6 +268,15 @@ def parse_args() -> argparse.Namespace:
     causal.add_argument("--no-causal", dest="causal", action="store_false")
     parser.add_argument("--warmup", type=int, default=25, help="warm-up ms (cuda)")
     parser.add_argument("--rep", type=int, default=100, help="timed ms per measurement")
+    parser.add_argument(
+        "--cpu-target",
+        choices=["native", *CPU_LEVELS],
+        default=None,
+        help=f"ISA level the TVM CPU kernels are built for (sets {CPU_TARGET_ENV})",
+    )
+    parser.add_argument(
+        "--always", action="store_true", help="time the kernel where its supports() declines"
+    )
     parser.add_argument("--json", type=Path, default=None, help="write the rows here")
     parser.add_argument("--plot", type=Path, default=None, help="PNG of TFLOP/s against n")
     return parser.parse_args()
@@ -252,14 +286,20 @@ def main() -> None:
     args = parse_args()
     if args.plot and importlib.util.find_spec("matplotlib") is None:
         sys.exit("--plot needs matplotlib, which is not installed: pip install matplotlib")
+    if args.cpu_target:
+        os.environ[CPU_TARGET_ENV] = args.cpu_target
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = DTYPES[args.dtype or ("bf16" if device == "cuda" else "fp32")]
     kernel = find_kernel(args.backend, device)
     measure = timer(device, args.warmup, args.rep)
     rows: list[Row] = []
     for shape in default_shapes(device, args.n, args.d, args.causal):
-        rows += bench_shape(shape, kernel, dtype, device, measure)
-    name = torch.cuda.get_device_name() if device == "cuda" else "CPU"
+        rows += bench_shape(shape, kernel, dtype, device, measure, args.always)
+    if device == "cuda":
+        name = torch.cuda.get_device_name()
+    else:
+        isa = torch.backends.cpu.get_cpu_capability()
+        name = f"CPU ({torch.get_num_threads()} threads, torch {isa}, TVM {_cpu_isa()})"
     show(rows, f"exact attention on {name}, {str(dtype)[6:]}, kernel {kernel.name!r}")
     if args.json:
         args.json.write_text(json.dumps([asdict(r) for r in rows], indent=2))

@@ -68,11 +68,13 @@ def test_second_load_does_not_recompile(compiles):
 
 
 def test_other_config_or_shape_class(compiles):
-    _run()
-    _run(dict(tvm_exact.FORWARD_SPACE.default(*_target_sig()), block_m=24, rows=4))
+    """A config pinned, since the default one follows the shape and the machine's threads."""
+    config = tvm_exact.FORWARD_SPACE.default(*_target_sig())
+    _run(config)
+    _run(dict(config, block_m=24, rows=4))
     assert len(compiles) == 2 and compiles[0] != compiles[1]
     q = torch.randn(1, 3, 41, 64)
-    tvm_exact.forward(q, q[:, :1], q[:, :1], scale=0.1, window=4)  # new shapes, same kernel
+    tvm_exact.forward(q, q[:, :1], q[:, :1], scale=0.1, window=4, config=config)  # same kernel
     assert len(compiles) == 2
 
 
