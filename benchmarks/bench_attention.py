@@ -9,7 +9,10 @@
 to hold torch (SDPA, eager) to AVX2 as well, start the process with ``ATEN_CPU_CAPABILITY=avx2
 MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2``; the title names both. ``--always`` times
 the kernel where its ``supports`` declines for size (to check a dispatch threshold like the TVM
-kernel's ``MIN_WORK``); a broken contract still becomes a note.
+kernel's ``MIN_WORK``); a broken contract still becomes a note. ``--with-projection`` runs the
+(n, h·d) × (h·d, h·d) output projection a model runs after attention before every timed call, so
+each time includes the hand-off between torch's thread pool and the kernel's (the times and
+ratios are of projection + attention; the note gives the projection's time alone).
 
 For each shape (batch, heads, n, head_dim, causal, kv_heads) one process times the kernel that
 ``--backend`` names in the registry for the device, ``F.scaled_dot_product_attention`` (its default
@@ -142,10 +145,17 @@ def rel_rms(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 
 def bench_shape(
-    shape: Shape, kernel: Kernel, dtype, device: str, measure, always: bool = False
+    shape: Shape,
+    kernel: Kernel,
+    dtype,
+    device: str,
+    measure,
+    always: bool = False,
+    projection: bool = False,
 ) -> list[Row]:
     """Rows for the kernel, SDPA and eager on one shape; failures become notes, not crashes.
-    ``always``: time the kernel even where ``supports`` declines (the note keeps the reason)."""
+    ``always``: time the kernel even where ``supports`` declines (the note keeps the reason);
+    ``projection``: precede each call by a model's output projection (see the module doc)."""
     gen = torch.Generator(device=device).manual_seed(0)
     q = torch.randn(shape.batch, shape.heads, shape.n, shape.head_dim, generator=gen, device=device)
     kv_shape = (shape.batch, shape.kv_heads, shape.n, shape.head_dim)
@@ -166,12 +176,24 @@ def bench_shape(
     }
     reason = kernel.supports(q, k, v, None, shape.causal, 0) if kernel.supports else None
     expected = sdpa()
+    context = ""
+    if projection:
+        width = shape.heads * shape.head_dim
+        x = torch.randn(shape.batch * shape.n, width, device=device, dtype=dtype)
+        weight = torch.randn(width, width, device=device, dtype=dtype) / width**0.5
+
+        def with_projection(fn):
+            return lambda: (x @ weight, fn())[1]
+
+        impls = {name: with_projection(fn) for name, fn in impls.items()}
+        context = f"projection alone {measure(lambda: x @ weight):.3f} ms"
     timed: dict[str, tuple[float | None, float | None, str]] = {}
     for name, fn in impls.items():
         if name == kernel.name and reason is not None and not always:
             timed[name] = (None, None, reason)
             continue
-        note = "supports() declines" if name == kernel.name and reason else ""
+        declined = "supports() declines" if name == kernel.name and reason else ""
+        note = "; ".join(filter(None, (declined, context)))
         try:
             err = rel_rms(fn(), expected)
             timed[name] = (measure(fn), err, note)
@@ -277,6 +299,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--always", action="store_true", help="time the kernel where its supports() declines"
     )
+    parser.add_argument(
+        "--with-projection",
+        action="store_true",
+        help="time each call after a model's output projection (thread-pool hand-off included)",
+    )
     parser.add_argument("--json", type=Path, default=None, help="write the rows here")
     parser.add_argument("--plot", type=Path, default=None, help="PNG of TFLOP/s against n")
     return parser.parse_args()
@@ -294,7 +321,9 @@ def main() -> None:
     measure = timer(device, args.warmup, args.rep)
     rows: list[Row] = []
     for shape in default_shapes(device, args.n, args.d, args.causal):
-        rows += bench_shape(shape, kernel, dtype, device, measure, args.always)
+        rows += bench_shape(
+            shape, kernel, dtype, device, measure, args.always, args.with_projection
+        )
     if device == "cuda":
         name = torch.cuda.get_device_name()
     else:
