@@ -12,7 +12,7 @@ the kernel where its ``supports`` declines for size (to check a dispatch thresho
 kernel's ``MIN_WORK``); a broken contract still becomes a note. ``--with-projection`` runs the
 (n, h·d) × (h·d, h·d) output projection a model runs after attention before every timed call, so
 each time includes the hand-off between torch's thread pool and the kernel's (the times and
-ratios are of projection + attention; the note gives the projection's time alone).
+ratios are of projection + attention; the note gives the projection alone, "proj").
 
 For each shape (batch, heads, n, head_dim, causal, kv_heads) one process times the kernel that
 ``--backend`` names in the registry for the device, ``F.scaled_dot_product_attention`` (its default
@@ -186,7 +186,7 @@ def bench_shape(
             return lambda: (x @ weight, fn())[1]
 
         impls = {name: with_projection(fn) for name, fn in impls.items()}
-        context = f"projection alone {measure(lambda: x @ weight):.3f} ms"
+        context = f"proj {measure(lambda: x @ weight):.2f} ms"
     timed: dict[str, tuple[float | None, float | None, str]] = {}
     for name, fn in impls.items():
         if name == kernel.name and reason is not None and not always:
