@@ -12,7 +12,8 @@ the kernel where its ``supports`` declines for size (to check a dispatch thresho
 kernel's ``MIN_WORK``); a broken contract still becomes a note. ``--with-projection`` runs the
 (n, h·d) × (h·d, h·d) output projection a model runs after attention before every timed call, so
 each time includes the hand-off between torch's thread pool and the kernel's (the times and
-ratios are of projection + attention; the note gives the projection alone, "proj").
+ratios are of projection + attention; the note gives the projection alone, "proj"). On a busy
+shared machine ``--rounds 30`` times the implementations in turns and keeps each one's fastest.
 
 For each shape (batch, heads, n, head_dim, causal, kv_heads) one process times the kernel that
 ``--backend`` names in the registry for the device, ``F.scaled_dot_product_attention`` (its default
@@ -27,6 +28,8 @@ import importlib.util
 import json
 import os
 import sys
+import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -139,6 +142,18 @@ def timer(device: str, warmup: int, rep: int):
     return cpu_median
 
 
+def alternating_min(fns: dict[str, Callable], rounds: int) -> dict[str, float]:
+    """ms of each fn: the fastest of ``rounds`` calls taken in turns, so that every fn sees the
+    same load (a busy shared machine only ever adds time, so the minimum is the stable figure)."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: min(t) * 1e3 for name, t in times.items()}
+
+
 def rel_rms(actual: torch.Tensor, expected: torch.Tensor) -> float:
     diff = (actual.float() - expected.float()).norm()
     return (diff / expected.float().norm().clamp_min(1e-12)).item()
@@ -152,10 +167,12 @@ def bench_shape(
     measure,
     always: bool = False,
     projection: bool = False,
+    rounds: int = 0,
 ) -> list[Row]:
     """Rows for the kernel, SDPA and eager on one shape; failures become notes, not crashes.
     ``always``: time the kernel even where ``supports`` declines (the note keeps the reason);
-    ``projection``: precede each call by a model's output projection (see the module doc)."""
+    ``projection``: precede each call by a model's output projection (see the module doc);
+    ``rounds``: time by ``alternating_min`` instead of ``measure``."""
     gen = torch.Generator(device=device).manual_seed(0)
     q = torch.randn(shape.batch, shape.heads, shape.n, shape.head_dim, generator=gen, device=device)
     kv_shape = (shape.batch, shape.kv_heads, shape.n, shape.head_dim)
@@ -196,13 +213,17 @@ def bench_shape(
         note = "; ".join(filter(None, (declined, context)))
         try:
             err = rel_rms(fn(), expected)
-            timed[name] = (measure(fn), err, note)
+            timed[name] = (None if rounds else measure(fn), err, note)
         except torch.OutOfMemoryError:
             timed[name] = (None, None, "out of memory")
         except KernelError as error:  # --always on inputs outside the kernel's contract
             timed[name] = (None, None, str(error))
         if device == "cuda":
             torch.cuda.empty_cache()
+    if rounds:
+        ran = {name: impls[name] for name, (_, err, _) in timed.items() if err is not None}
+        for name, ms in alternating_min(ran, rounds).items():
+            timed[name] = (ms, *timed[name][1:])
     sdpa_ms = timed["sdpa"][0]
     rows = []
     for name, (ms, err, note) in timed.items():
@@ -304,6 +325,12 @@ def parse_args() -> argparse.Namespace:
         action="store_true",
         help="time each call after a model's output projection (thread-pool hand-off included)",
     )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=0,
+        help="CPU: time the implementations in turns, the fastest of this many (busy machines)",
+    )
     parser.add_argument("--json", type=Path, default=None, help="write the rows here")
     parser.add_argument("--plot", type=Path, default=None, help="PNG of TFLOP/s against n")
     return parser.parse_args()
@@ -322,7 +349,7 @@ def main() -> None:
     rows: list[Row] = []
     for shape in default_shapes(device, args.n, args.d, args.causal):
         rows += bench_shape(
-            shape, kernel, dtype, device, measure, args.always, args.with_projection
+            shape, kernel, dtype, device, measure, args.always, args.with_projection, args.rounds
         )
     if device == "cuda":
         name = torch.cuda.get_device_name()

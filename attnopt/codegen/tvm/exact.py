@@ -65,9 +65,10 @@ MASK_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat1
 MIN_QUERIES = 16
 # Below this many scores (batch × heads × n × m) a call inside a model is slower than torch's
 # SDPA on CPU: handing work from torch's OpenMP pool to TVM's costs ~1-3 ms on 2 cores
-# (4-layer GPT-2, 3 × 8 heads × 200²: 0.8× eager; 12 heads × 1024²: 1.7× eager). The same on
-# AVX2 as on AVX-512 (bench_attention.py --with-projection --always [--cpu-target avx2], torch
-# held to AVX2 too): SDPA faster up to 0.5M scores, TVM from 2M on both, so one threshold.
+# (4-layer GPT-2, 3 × 8 heads × 200²: 0.8× eager; 12 heads × 1024²: 1.7× eager). AVX2 and
+# AVX-512 cross over alike (bench_attention.py --with-projection --always --rounds 30
+# [--cpu-target avx2], torch held to AVX2 too): SDPA faster up to 0.5M scores, TVM at 8M, the
+# crossover in between moving from run to run on a busy 2-core box; so one threshold serves both.
 MIN_WORK = 1 << 22
 
 
