@@ -27,7 +27,7 @@ import transformers
 from rich.console import Console
 from rich.table import Table
 
-from attnopt import onnx_verify
+from attnopt import onnx_inputs, onnx_verify
 from attnopt.onnx_api import convert
 
 FUSED = {"Attention", "MultiHeadAttention", "GroupQueryAttention", "PackedAttention"}
@@ -162,7 +162,7 @@ def main() -> None:
         path = work / f"{name}.onnx"
         export(name, MODEL_CLASSES[name](config), args.seq, path, args.exporter == "dynamo")
         dims = {"batch": 1, "seq": args.seq, "d": args.seq}
-        have = onnx_verify.input_dims(onnx.load(str(path), load_external_data=False))
+        have = onnx_inputs.input_dims(onnx.load(str(path), load_external_data=False))
         report = convert(path, work / f"{name}.attnopt.onnx", dims={k: dims[k] for k in have})
         heads = getattr(config, "num_attention_heads", None) or config.num_heads
         hidden = getattr(config, "hidden_size", None) or config.d_model
@@ -172,7 +172,7 @@ def main() -> None:
         except Exception as err:  # its fusions are model-type specific
             fused, ort_path = f"failed: {type(err).__name__}", None
         model = onnx.load(str(path), load_external_data=False)
-        feeds = onnx_verify.random_feeds(model, {k: dims[k] for k in have})
+        feeds = onnx_inputs.random_feeds(model, {k: dims[k] for k in have})
         graphs = {"before": path, "attnopt": work / f"{name}.attnopt.onnx", "ort": ort_path}
         sessions = {k: onnx_verify.session(g, k) for k, g in graphs.items() if g is not None}
         times = onnx_verify.latency_ms(sessions, feeds, args.seconds)
