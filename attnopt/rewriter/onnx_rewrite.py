@@ -224,7 +224,14 @@ def _nan_guarded(graph: OnnxGraph, site: AttentionSite) -> bool:
     for operand in (site.q, site.k, site.v):
         if any(view.attrs(n).get("nan_to_zero") for n in operand.path):
             raise NotExpressible("a NaN guard on q, k or v")
-    return any(view.attrs(n).get("nan_to_zero") for n in site.nodes)
+    guards = [n for n in site.nodes if view.attrs(n).get("nan_to_zero")]
+    for guard in guards:
+        cur = view.operands(guard)[0]
+        while view.op(cur) in ("cast", "identity"):
+            cur = view.operands(cur)[0]
+        if view.op(cur) != "softmax":
+            raise NotExpressible("a NaN guard before the softmax")
+    return bool(guards)
 
 
 def _check(facts: _Facts) -> None:
