@@ -334,7 +334,26 @@ class _Emitter:
         return self.bsd(operand, rank)
 
     def repeat_heads(self, operand: TracedOperand, f: _Facts, head_dim: object) -> str:
-        """(B, kv_heads, L, H) -> (B, heads, L, H), each kv head repeated for its group."""
+        """(B, kv_heads, L, H) -> (B, heads, L, H), each kv head repeated for its group: the
+        model's own repeat where it has one (it stays for the ``Shape`` nodes that size the
+        mask, so a second copy would cost twice), else a new one."""
+        view = self.graph.view
+        source = view.shape(operand.source)
+        for unsqueeze in view.users(operand.source) if operand.perm is None else ():
+            if view.op(unsqueeze) != "unsqueeze" or view.attrs(unsqueeze)["dim"] != 2:
+                continue
+            for expand in view.users(unsqueeze):
+                for repeated in view.users(expand) if view.op(expand) == "expand" else ():
+                    shape = view.shape(repeated)
+                    if (
+                        view.op(repeated) == "reshape"
+                        and shape is not None
+                        and source is not None
+                        and len(shape) == len(source) == 4
+                        and shape[1] == f.heads
+                        and all(map(view.same_size, shape[2:], source[2:]))
+                    ):
+                        return repeated
         if not isinstance(head_dim, int):
             raise NotExpressible("repeating kv heads of a dynamic head size")
         x = self.unsqueeze(self.value(operand), [2])
