@@ -125,7 +125,12 @@ def convert(
         bool, typer.Option("--check/--no-check", help="verify and time in onnxruntime")
     ] = True,
     dim: Annotated[
-        list[str], typer.Option("--dim", help="size of a dynamic input dim: name=value")
+        list[str],
+        typer.Option(
+            "--dim",
+            help="verification size of a dynamic input dim, name=value (base dims only: "
+            "sums such as 'past + seq' follow from their parts)",
+        ),
     ] = [],  # noqa: B006
     json: Annotated[bool, typer.Option("--json", help="print the report as JSON")] = False,
 ) -> None:

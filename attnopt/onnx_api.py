@@ -14,6 +14,7 @@ from pathlib import Path
 import onnx
 from onnx import helper
 
+from attnopt import onnx_inputs
 from attnopt import onnx_verify as ort_check
 from attnopt.errors import OnnxModelError
 from attnopt.passes.plan import plan
@@ -44,8 +45,8 @@ def _base_report(loaded: Loaded, graph: OnnxGraph, found: Detection) -> Report:
     report = Report(
         model=loaded.path.name,
         capture=f"onnx opset {graph.opset}" + (f", {producer}" if producer else ""),
-        dynamic=bool(ort_check.input_dims(model)),
-        dynamic_dims={name: [] for name in ort_check.input_dims(model)},
+        dynamic=bool(onnx_inputs.input_dims(model)),
+        dynamic_dims={name: [] for name in onnx_inputs.input_dims(model)},
         target=f"onnxruntime {ort_check.PROVIDERS[0]}",
         notes=[f"shapes from {graph.shapes.method}"],
     )
@@ -92,8 +93,8 @@ def convert(
 ) -> Report:
     """Write ``path_in`` with its attention sites replaced by fused ops to ``path_out``.
 
-    With ``check``, every site is verified in onnxruntime on random inputs (dynamic sizes from
-    ``dims``, see ``attnopt.onnx_verify``) and restored if it disagrees beyond ``tolerance``
+    With ``check``, every site is verified in onnxruntime on random inputs (base dynamic sizes
+    from ``dims``, see ``attnopt.onnx_inputs``) and restored if it disagrees beyond ``tolerance``
     (default: per dtype); ``latency`` also times both models in the same process.
     """
     if Path(path_out).resolve() == Path(path_in).resolve():
@@ -113,9 +114,11 @@ def convert(
     feeds = reference = None
     if check:
         step("running the original model in onnxruntime")
-        resolved = ort_check.resolve_dims(original, dims)
+        bounds = onnx_inputs.limits(original, loaded.path)
+        resolved = onnx_inputs.resolve_dims(original, dims, bounds)
         report.dynamic_dims = {name: [size] for name, size in resolved.items()}
-        feeds = ort_check.random_feeds(original, resolved)
+        report.notes.append(onnx_inputs.describe(resolved, bounds))
+        feeds = onnx_inputs.random_feeds(original, resolved, bounds=bounds)
         before = ort_check.session(loaded.path, "the original model", fuse=False)
         reference = ort_check.run(before, feeds, "the original model")
         lap("reference run")

@@ -1,8 +1,6 @@
-"""Run ONNX models in onnxruntime to check a conversion: inputs, sessions, errors, latency.
+"""Run ONNX models in onnxruntime to check a conversion: sessions, errors, latency.
 
-Inputs are random but plausible: floats from a normal distribution, integer inputs that index
-an embedding table within its rows, ``*mask*`` inputs mostly ones (the first row padded at the
-end), bool inputs mostly true with every query keeping its first key.
+The inputs they run on are ``attnopt.onnx_inputs``'s.
 """
 
 from __future__ import annotations
@@ -21,83 +19,7 @@ from attnopt.rewriter.onnx_model import MAX_MODEL_BYTES
 from attnopt.validate import max_error as _max_error
 from attnopt.validate import tolerance_for
 
-DEFAULT_BATCH = 2
-DEFAULT_SIZE = 128  # any other dynamic size (sequence length, ...)
 PROVIDERS = ["CPUExecutionProvider"]
-
-
-def input_dims(model: onnx.ModelProto) -> list[str]:
-    """The names of the graph inputs' symbolic dims, in order of appearance."""
-    names: dict[str, None] = {}
-    for value in _feedable(model):
-        for dim in value.type.tensor_type.shape.dim:
-            if dim.HasField("dim_param") and dim.dim_param:
-                names[dim.dim_param] = None
-    return list(names)
-
-
-def resolve_dims(model: onnx.ModelProto, dims: dict[str, int] | None) -> dict[str, int]:
-    """A size for every symbolic input dim: the user's, else batch-like 2, others 128."""
-    dims = dict(dims or {})
-    names = input_dims(model)
-    unknown = sorted(set(dims) - set(names))
-    if unknown:
-        have = ", ".join(names) or "none"
-        raise OnnxModelError(f"unknown dim(s) {', '.join(unknown)}; the model's dims: {have}")
-    return {
-        name: dims.get(name, DEFAULT_BATCH if "batch" in name.lower() else DEFAULT_SIZE)
-        for name in names
-    }
-
-
-def _feedable(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
-    initializers = {t.name for t in model.graph.initializer}
-    return [v for v in model.graph.input if v.name not in initializers]
-
-
-def _table_rows(model: onnx.ModelProto) -> dict[str, int]:
-    """Integer inputs used as ``Gather`` indices into an initializer: how many rows it has."""
-    tables = {t.name: t for t in model.graph.initializer}
-    rows: dict[str, int] = {}
-    for node in model.graph.node:
-        if node.op_type == "Gather" and len(node.input) == 2 and node.input[0] in tables:
-            axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
-            table = tables[node.input[0]]
-            rows[node.input[1]] = min(rows.get(node.input[1], 2**62), table.dims[axis])
-    return rows
-
-
-def random_feeds(model: onnx.ModelProto, dims: dict[str, int], seed: int = 0) -> dict:
-    rng = np.random.default_rng(seed)
-    rows = _table_rows(model)
-    feeds = {}
-    for value in _feedable(model):
-        tensor = value.type.tensor_type
-        shape = tuple(
-            d.dim_value if d.HasField("dim_value") else dims.get(d.dim_param, 1)
-            for d in tensor.shape.dim
-        )
-        dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type)
-        feeds[value.name] = _random(value.name, shape, dtype, rows.get(value.name), rng)
-    return feeds
-
-
-def _random(name: str, shape: tuple, dtype: np.dtype, rows: int | None, rng) -> np.ndarray:
-    if dtype == np.bool_:
-        keep = rng.random(shape) > 0.3
-        if keep.ndim:
-            keep[..., 0] = True
-        return keep
-    if np.issubdtype(dtype, np.floating):
-        return rng.standard_normal(shape).astype(dtype)
-    if rows is not None:
-        return rng.integers(0, rows, shape).astype(dtype)
-    if "mask" in name.lower():
-        mask = np.ones(shape, dtype)
-        if mask.ndim == 2 and shape[0] > 1 and shape[1] > 4:
-            mask[0, -shape[1] // 4 :] = 0
-        return mask
-    return rng.integers(0, 2, shape).astype(dtype)
 
 
 def session(model: onnx.ModelProto | Path, what: str, fuse: bool = True) -> ort.InferenceSession:

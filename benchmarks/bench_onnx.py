@@ -2,6 +2,7 @@
 and after (same process, same inputs), against onnxruntime's own transformers optimizer.
 
     python benchmarks/bench_onnx.py [--size tiny|base] [--seq 512] [--exporter dynamo|torchscript]
+    python benchmarks/bench_onnx.py --optimum bench-out/optimum [--contexts 512 2048]
 
 ``tiny`` are the test suite's configs (2 layers, hidden 64, 4 heads), ``base`` the same
 architectures at hidden 768, 12 heads (4 kv heads for Llama), 2 layers. Every model is
@@ -9,6 +10,13 @@ exported with the chosen exporter at opset 18, batch 1, sequence ``--seq`` (ViT:
 size giving about that many patches), converted by ``attnopt.onnx_api.convert`` (verified)
 and optimized by ``onnxruntime.transformers.optimizer.optimize_model``; all three graphs are
 timed with the same inputs in the same run, taking turns (median over ``--seconds``).
+
+``--optimum DIR`` times decoders exported with a KV cache by Hugging Face optimum (made by
+``.venv-export/bin/python tests/fixtures/export_optimum.py DIR --bench``, see
+``.ci/export_optimum``): batch 1, prefill latency (the whole context, no past) and decode
+tokens/s (one new token after the context), for the export, attnopt's conversion and, where its
+fusions know the model type, onnxruntime's transformers optimizer (what
+``optimum-cli onnxruntime optimize -O2`` runs).
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import json
 import logging
 import tempfile
 import warnings
@@ -27,10 +36,12 @@ import transformers
 from rich.console import Console
 from rich.table import Table
 
-from attnopt import onnx_verify
+from attnopt import onnx_inputs, onnx_verify
 from attnopt.onnx_api import convert
 
 FUSED = {"Attention", "MultiHeadAttention", "GroupQueryAttention", "PackedAttention"}
+#: optimum config model types onnxruntime's optimizer fuses: its type, heads and hidden keys
+ORT_OPTIMUM_TYPES = {"gpt2": ("gpt2", "n_head", "n_embd")}
 ORT_TYPES = {"gpt2": "gpt2", "bert": "bert", "llama_gqa": "gpt2", "t5": "t5", "vit": "vit"}
 
 
@@ -135,8 +146,63 @@ def session_fused(path: Path) -> int:
     return sum(n.op_type in FUSED for n in graph.node)
 
 
+def optimum_main(root: Path, contexts: list[int], seconds: float) -> None:
+    table = Table(
+        title=f"optimum exports with KV cache, batch 1, onnxruntime CPU: prefill latency and "
+        f"decode tokens/s at context {', '.join(map(str, contexts))} (ratio vs the export)"
+    )
+    table.add_column("model")
+    table.add_column("graph")
+    table.add_column("fused ops")
+    for ctx in contexts:
+        table.add_column(f"prefill {ctx} ms")
+        table.add_column(f"decode @{ctx} tok/s")
+    work = Path(tempfile.mkdtemp(prefix="bench_onnx_optimum_"))
+    paths = sorted(root.glob("*/model.onnx"))
+    if not paths:
+        raise SystemExit(f"no optimum exports under {root}: see .ci/export_optimum")
+    for path in paths:
+        name = path.parent.name
+        config = json.loads((path.parent / "config.json").read_text())
+        graphs: dict[str, Path | None] = {"export": path}
+        notes = {"export": str(session_fused(path))}
+        converted = work / f"{name}.attnopt.onnx"
+        report = convert(path, converted)
+        graphs["attnopt"], notes["attnopt"] = converted, str(len(report.rewritten))
+        ort_type = ORT_OPTIMUM_TYPES.get(config["model_type"])
+        ort_path = work / f"{name}.ortopt.onnx"
+        if ort_type is None:
+            graphs["ort optimizer"], notes["ort optimizer"] = None, "model type not supported"
+        else:
+            kind, heads, hidden = ort_type
+            fused = ort_optimized(path, ort_path, kind, config[heads], config[hidden])
+            graphs["ort optimizer"], notes["ort optimizer"] = ort_path, str(fused)
+        sessions = {k: onnx_verify.session(g, k) for k, g in graphs.items() if g is not None}
+        model = onnx.load(str(path), load_external_data=False)
+        cells: dict[str, list[str]] = {k: [] for k in graphs}
+        for ctx in contexts:
+            for past, seq in ((0, ctx), (ctx, 1)):
+                dims = {"batch_size": 1, "sequence_length": seq, "past_sequence_length": past}
+                feeds = onnx_inputs.random_feeds(model, dims)
+                times = onnx_verify.latency_ms(sessions, feeds, seconds)
+                base = times["export"]
+                for key in graphs:
+                    if key not in times:
+                        cells[key].append("-")
+                    elif past == 0:
+                        cells[key].append(f"{times[key]:.1f} (×{base / times[key]:.2f})")
+                    else:
+                        cells[key].append(f"{1e3 / times[key]:.0f} (×{base / times[key]:.2f})")
+        for key in graphs:
+            table.add_row(name, key, notes[key], *cells[key])
+        Console().print(f"{name}: done")
+    Console(width=200).print(table)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--optimum", type=Path, help="time optimum exports under this folder")
+    parser.add_argument("--contexts", type=int, nargs="*", default=[512, 2048])
     parser.add_argument("--size", choices=["tiny", "base"], default="tiny")
     parser.add_argument("--seq", type=int, default=512)
     parser.add_argument("--exporter", choices=["dynamo", "torchscript"], default="dynamo")
@@ -145,6 +211,9 @@ def main() -> None:
     args = parser.parse_args()
     warnings.simplefilter("ignore")
     logging.disable(logging.WARNING)
+    if args.optimum is not None:
+        optimum_main(args.optimum, args.contexts, args.seconds)
+        return
     torch.manual_seed(0)
     table = Table(
         title=f"attnopt convert vs onnxruntime optimizer: {args.size} models, "
@@ -162,7 +231,7 @@ def main() -> None:
         path = work / f"{name}.onnx"
         export(name, MODEL_CLASSES[name](config), args.seq, path, args.exporter == "dynamo")
         dims = {"batch": 1, "seq": args.seq, "d": args.seq}
-        have = onnx_verify.input_dims(onnx.load(str(path), load_external_data=False))
+        have = onnx_inputs.input_dims(onnx.load(str(path), load_external_data=False))
         report = convert(path, work / f"{name}.attnopt.onnx", dims={k: dims[k] for k in have})
         heads = getattr(config, "num_attention_heads", None) or config.num_heads
         hidden = getattr(config, "hidden_size", None) or config.d_model
@@ -172,7 +241,7 @@ def main() -> None:
         except Exception as err:  # its fusions are model-type specific
             fused, ort_path = f"failed: {type(err).__name__}", None
         model = onnx.load(str(path), load_external_data=False)
-        feeds = onnx_verify.random_feeds(model, {k: dims[k] for k in have})
+        feeds = onnx_inputs.random_feeds(model, {k: dims[k] for k in have})
         graphs = {"before": path, "attnopt": work / f"{name}.attnopt.onnx", "ort": ort_path}
         sessions = {k: onnx_verify.session(g, k) for k, g in graphs.items() if g is not None}
         times = onnx_verify.latency_ms(sessions, feeds, args.seconds)

@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 
 from attnopt.onnx_api import convert
-from attnopt.onnx_verify import random_feeds
+from attnopt.onnx_inputs import random_feeds
 from attnopt.report import Report
 
 FUSED = {"Attention", "MultiHeadAttention", "GroupQueryAttention"}

@@ -97,6 +97,7 @@ class _Builder:
         for node in model.graph.node:
             self.read.update(_reads(node))
             self.producer.update((name, node) for name in node.output)
+        self.nan_guards, self.nan_tests = _nan_guards(model, self.producer, values)
 
     # -- helpers used by converters ----------------------------------------------------------
     def rank(self, name: str) -> int | None:
@@ -294,7 +295,49 @@ def _div(b: _Builder, node: onnx.NodeProto) -> None:
 
 @_converts("Where")
 def _where(b: _Builder, node: onnx.NodeProto) -> None:
-    b.emit(node, "where", list(node.input[:3]))
+    guarded = b.nan_guards.get(node.output[0])
+    if guarded is not None:  # NaN -> 0: the rewrite keeps it on the site's output
+        b.emit(node, "identity", [guarded], nan_to_zero=True)
+    else:
+        b.emit(node, "where", list(node.input[:3]))
+
+
+@_converts("IsNaN")
+def _isnan(b: _Builder, node: onnx.NodeProto) -> None:
+    """The test inside a NaN guard is part of the guard: it is no user of the guarded value."""
+    b.emit(node, "opaque", [] if node.output[0] in b.nan_tests else _reads(node), name="IsNaN")
+
+
+def _nan_guards(
+    model: onnx.ModelProto, producer: dict[str, onnx.NodeProto], values: Values
+) -> tuple[dict[str, str], set[str]]:
+    """``Where`` nodes that only replace NaN by 0, ``Where(IsNaN(x), 0, x)`` or
+    ``Where(Not(IsNaN(x)), x, 0)``: each output -> its ``x``; and the tests' outputs."""
+    users: dict[str, int] = {o.name: 1 for o in model.graph.output}
+    for node in model.graph.node:
+        for name in _reads(node):
+            users[name] = users.get(name, 0) + 1
+    guards, tests = {}, set()
+    for node in model.graph.node:
+        if node.op_type != "Where" or len(node.input) != 3:
+            continue
+        test, then, other = node.input
+        negated = test in producer and producer[test].op_type == "Not"
+        if negated:
+            then, other = other, then
+            test = producer[test].input[0]
+        isnan = producer.get(test)
+        if (
+            isnan is not None
+            and isnan.op_type == "IsNaN"
+            and isnan.input[0] == other
+            and values.number(then) == 0
+            and users.get(isnan.output[0]) == 1
+            and (not negated or users.get(node.input[0]) == 1)
+        ):
+            guards[node.output[0]] = other
+            tests.update({node.input[0], isnan.output[0]})
+    return guards, tests
 
 
 @_converts("Softmax")
@@ -517,7 +560,10 @@ def _compare(b: _Builder, node: onnx.NodeProto) -> None:
 
 @_converts("Not")
 def _not(b: _Builder, node: onnx.NodeProto) -> None:
-    b.emit(node, "not", [node.input[0]])
+    if node.output[0] in b.nan_tests:
+        b.emit(node, "opaque", [], name="Not")
+    else:
+        b.emit(node, "not", [node.input[0]])
 
 
 @_converts("And")

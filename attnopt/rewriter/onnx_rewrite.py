@@ -89,6 +89,14 @@ def _mha_why_not(f: _Facts) -> str | None:
     return None
 
 
+def _mha_repeat_why_not(f: _Facts) -> str | None:
+    if f.rank != 4:
+        return "MultiHeadAttention over repeated kv heads needs 4-D scores"
+    if f.dtype != "float32":
+        return f"MultiHeadAttention runs float32 on CPU, not {f.dtype}"
+    return None
+
+
 def _gqa_why_not(f: _Facts) -> str | None:
     if not f.square:
         return "GroupQueryAttention needs query length = key length (no KV cache here)"
@@ -113,7 +121,11 @@ def _build_attention(e: _Emitter, f: _Facts) -> str:
 
 def _build_mha(e: _Emitter, f: _Facts) -> str:
     q = e.bsd(f.site.q, f.rank)
-    k, v = (e.kv_layout(x, f.rank) for x in (f.site.k, f.site.v))
+    if f.kv_heads == f.heads:
+        k, v = (e.kv_layout(x, f.rank) for x in (f.site.k, f.site.v))
+    else:  # each kv head repeated for its group of query heads, as the model does
+        k = e.repeat_heads(f.site.k, f, f.site.q_shape[-1])
+        v = e.repeat_heads(f.site.v, f, f.site.v_shape[-1])
     mask = e.mask(f, allow_bool=False)
     out = e.node(
         "MultiHeadAttention",
@@ -151,6 +163,7 @@ FUSED_OPS: tuple[FusedOp, ...] = (
     FusedOp("Attention", "", _attention_why_not, _build_attention),
     FusedOp("com.microsoft.MultiHeadAttention", MS_DOMAIN, _mha_why_not, _build_mha),
     FusedOp("com.microsoft.GroupQueryAttention", MS_DOMAIN, _gqa_why_not, _build_gqa),
+    FusedOp("com.microsoft.MultiHeadAttention", MS_DOMAIN, _mha_repeat_why_not, _build_mha),
 )
 
 
@@ -190,6 +203,8 @@ def _lower_exact(
         if why_not is None:
             emitter = _Emitter(graph, prefix)
             out = emitter.finish_output(op.build(emitter, facts), site)
+            if _nan_guarded(graph, site):
+                out = emitter.nan_to_zero(out, site.output_dtype or facts.dtype)
             config = (
                 f"heads={facts.heads}/{facts.kv_heads} scale={facts.scale:.4g} "
                 f"causal={int(facts.causal)} masks={len(site.masks)}"
@@ -198,6 +213,25 @@ def _lower_exact(
             return Lowering(site, emitter.nodes, out, op.kernel, config, domains)
         reasons.append(why_not)
     raise NotExpressible("; ".join(reasons))
+
+
+def _nan_guarded(graph: OnnxGraph, site: AttentionSite) -> bool:
+    """Whether the model sets NaN probabilities to 0 (rows with every key masked by -inf).
+
+    The fused ops give NaN for such rows, the model 0: the same guard on the op's output
+    makes them agree. A guard on q, k or v cannot move there and is not lowered."""
+    view = graph.view
+    for operand in (site.q, site.k, site.v):
+        if any(view.attrs(n).get("nan_to_zero") for n in operand.path):
+            raise NotExpressible("a NaN guard on q, k or v")
+    guards = [n for n in site.nodes if view.attrs(n).get("nan_to_zero")]
+    for guard in guards:
+        cur = view.operands(guard)[0]
+        while view.op(cur) in ("cast", "identity"):
+            cur = view.operands(cur)[0]
+        if view.op(cur) != "softmax":
+            raise NotExpressible("a NaN guard before the softmax")
+    return bool(guards)
 
 
 def _check(facts: _Facts) -> None:
@@ -298,6 +332,38 @@ class _Emitter:
         if rank == 4 and _moves_data(operand.perm or (0, 1, 2, 3), (0, 2, 1, 3)):
             return self.bnsh(operand, rank)
         return self.bsd(operand, rank)
+
+    def repeat_heads(self, operand: TracedOperand, f: _Facts, head_dim: object) -> str:
+        """(B, kv_heads, L, H) -> (B, heads, L, H), each kv head repeated for its group: the
+        model's own repeat where it has one (it stays for the ``Shape`` nodes that size the
+        mask, so a second copy would cost twice), else a new one."""
+        view = self.graph.view
+        source = view.shape(operand.source)
+        for unsqueeze in view.users(operand.source) if operand.perm is None else ():
+            if view.op(unsqueeze) != "unsqueeze" or view.attrs(unsqueeze)["dim"] != 2:
+                continue
+            for expand in view.users(unsqueeze):
+                for repeated in view.users(expand) if view.op(expand) == "expand" else ():
+                    shape = view.shape(repeated)
+                    if (
+                        view.op(repeated) == "reshape"
+                        and shape is not None
+                        and source is not None
+                        and len(shape) == len(source) == 4
+                        and shape[1] == f.heads
+                        and all(map(view.same_size, shape[2:], source[2:]))
+                    ):
+                        return repeated
+        if not isinstance(head_dim, int):
+            raise NotExpressible("repeating kv heads of a dynamic head size")
+        x = self.unsqueeze(self.value(operand), [2])
+        group = self.const(np.array([1, 1, f.heads // f.kv_heads, 1, 1], np.int64))
+        sizes = self.const(np.array([0, f.heads, -1, head_dim], np.int64))
+        return self.node("Reshape", [self.node("Expand", [x, group]), sizes])
+
+    def nan_to_zero(self, out: str, dtype: str) -> str:
+        zero = self.const(np.array(0, np.dtype(dtype)))
+        return self.node("Where", [self.node("IsNaN", [out]), zero, out])
 
     def from_bsd(self, out: str, f: _Facts) -> str:
         """A contrib op's (B, S, N·H) output back in the site's layout."""
