@@ -31,15 +31,33 @@ class Inputs:
     @classmethod
     def of(cls, example_inputs: Any) -> Inputs:
         if isinstance(example_inputs, dict):
-            return cls((), dict(example_inputs))
+            return _checked(cls((), dict(example_inputs)))
         if isinstance(example_inputs, torch.Tensor):
             return cls((example_inputs,), {})
         if isinstance(example_inputs, list | tuple):
-            return cls(tuple(example_inputs), {})
+            return _checked(cls(tuple(example_inputs), {}))
         raise InputSignatureError(
             f"example_inputs must be a tuple of positional arguments or a dict of keyword "
             f"arguments, not {type(example_inputs).__name__}"
         )
+
+
+_PLAIN = (torch.Tensor, int, float, bool, type(None))
+
+
+def _checked(inputs: Inputs) -> Inputs:
+    """Example inputs are tensors (in tuples, lists, dicts) and plain numbers, flags or None:
+    what a captured graph can take. Anything else is named here, not deep inside the model."""
+    leaves, _ = pytree.tree_flatten((inputs.args, inputs.kwargs))
+    for leaf in leaves:
+        if not isinstance(leaf, _PLAIN):
+            raise InputSignatureError(
+                f"example inputs must be tensors (or ints, floats, bools, None), but one is a "
+                f"{type(leaf).__name__} ({str(leaf)[:40]!r}); pass torch tensors"
+            )
+    if not any(isinstance(leaf, torch.Tensor) for leaf in leaves):
+        raise InputSignatureError("example inputs hold no tensor: pass the model's input tensors")
+    return inputs
 
 
 @dataclass
