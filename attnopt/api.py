@@ -336,14 +336,13 @@ def _validate_run(
             old, new = _RECORDED[2 * index], _RECORDED[2 * index + 1]
             err = max_error(new, old)
             site_report.max_error = err
-            if err <= tolerance_for(old.dtype, tolerance):
+            limit = _model_tolerance(old, [site_report], tolerance)
+            if err <= limit:
                 site_report.status = "rewritten"
             else:
                 spliced.restore()
                 site_report.status = "restored"
-                site_report.reason = (
-                    f"error {err:.2e} above tolerance {tolerance_for(old.dtype, tolerance):.0e}"
-                )
+                site_report.reason = f"error {err:.2e} above tolerance {limit:.0e}"
         return result
     finally:
         for probe in probes:

@@ -98,8 +98,37 @@ def _auto_dims(value: Any) -> Any:
     return {i: Dim.AUTO for i in range(value.dim())} if isinstance(value, torch.Tensor) else None
 
 
-def _dynamic_shapes(bound: inspect.BoundArguments) -> dict:
-    return {name: pytree.tree_map(_auto_dims, value) for name, value in bound.arguments.items()}
+def _dynamic_shapes(bound: inspect.BoundArguments, pinned: frozenset = frozenset()) -> dict:
+    """Every dim dynamic except the ``(argument, dim)`` pairs in ``pinned``."""
+    shapes = {name: pytree.tree_map(_auto_dims, value) for name, value in bound.arguments.items()}
+    for name, dim in pinned:
+        shapes[name][dim] = Dim.STATIC
+    return shapes
+
+
+def _scale_dims(program: Any, bound: inspect.BoundArguments) -> frozenset:
+    """Input feature dims (the last dim of a top-level floating-point argument) that a float
+    computed from a size depends on: ``x / math.sqrt(q.size(-1))``, ``q.shape[-1] ** -0.5``.
+    These never change for a model (its weights fix them); kept static, the scale is a
+    constant the site can carry."""
+    last_dims = {}
+    for node in program.graph.find_nodes(op="placeholder"):
+        val = node.meta.get("val")
+        arg = bound.arguments.get(node.name)
+        if (
+            isinstance(val, torch.Tensor)
+            and isinstance(arg, torch.Tensor)
+            and val.dim()
+            and arg.is_floating_point()
+            and _is_symbolic(val.shape[-1])
+        ):
+            last_dims[val.shape[-1].node.expr] = (node.name, val.dim() - 1)
+    pinned = set()
+    for node in program.graph.nodes:
+        val = node.meta.get("val")
+        if isinstance(val, torch.SymFloat) and val.node.expr.free_symbols:
+            pinned |= {last_dims[s] for s in val.node.expr.free_symbols if s in last_dims}
+    return frozenset(pinned)
 
 
 def _has_unit_dim(inputs: Inputs) -> bool:
@@ -126,14 +155,10 @@ def capture(model: nn.Module, inputs: Inputs) -> Capture:
     failures = []
     for dynamic in (True, False):
         try:
-            with _sizes_of_one_stay_dynamic(dynamic and _has_unit_dim(inputs)):
-                program = torch.export.export(
-                    model,
-                    inputs.args,
-                    inputs.kwargs,
-                    dynamic_shapes=_dynamic_shapes(bound) if dynamic else None,
-                    strict=False,
-                )
+            program = _export(model, inputs, bound, dynamic, frozenset())
+            pinned = _scale_dims(program, bound) if dynamic else frozenset()
+            if pinned:
+                program = _export(model, inputs, bound, dynamic, pinned)
             return _exported(program, dynamic)
         except Exception as err:  # noqa: BLE001 - every export failure means: try the next way
             failures.append(
@@ -149,6 +174,19 @@ def capture(model: nn.Module, inputs: Inputs) -> Capture:
         + "\nRemove the construct named above (data-dependent Python control flow, "
         "non-tensor outputs, unsupported ops) or make it depend only on shapes."
     )
+
+
+def _export(
+    model: nn.Module, inputs: Inputs, bound: inspect.BoundArguments, dynamic: bool, pinned
+) -> Any:
+    with _sizes_of_one_stay_dynamic(dynamic and _has_unit_dim(inputs)):
+        return torch.export.export(
+            model,
+            inputs.args,
+            inputs.kwargs,
+            dynamic_shapes=_dynamic_shapes(bound, pinned) if dynamic else None,
+            strict=False,
+        )
 
 
 def _is_symbolic(size: Any) -> bool:

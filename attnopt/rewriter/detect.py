@@ -23,6 +23,11 @@ from attnopt.rewriter.graph import Const, GraphView, Operand
 from attnopt.rewriter.site import AttentionSite, MaskTerm, NearMiss
 
 _CAST_OPS = {"cast"} | PASSTHROUGH
+_WEIGHTS_KEPT = (
+    "the attention weights (the softmax output) are {how}, e.g. with output_attentions=True; "
+    "a fused kernel never builds them, so this attention is left as it is. Run without "
+    "returning the weights (output_attentions=False) to have it rewritten"
+)
 _INT_DTYPES = ("int", "uint", "bool")
 
 
@@ -43,12 +48,18 @@ def detect(view: GraphView) -> Detection:
     found = Detection()
     anchors = [(n, _site_from_softmax) for n in view.nodes("softmax")]
     anchors += [(n, _site_from_sdpa) for n in view.nodes("sdpa")]
+    anchors += [(n, _unexponentiated) for n in view.nodes("log_softmax")]
     for node, build in anchors:
         try:
             found.sites.append(build(view, node))
         except _Miss as miss:
             found.near_misses.append(NearMiss(view.location(node), miss.rule, miss.node))
     return found
+
+
+def _unexponentiated(view: GraphView, node: str) -> AttentionSite:
+    """A ``log_softmax`` that canonicalization did not fold into ``softmax`` (no ``exp``)."""
+    raise _Miss("log_softmax used as it is (not exponentiated): its rows are not weights", node)
 
 
 # -- decomposed attention ------------------------------------------------------------------
@@ -119,9 +130,7 @@ def _walk_to_pv(view: GraphView, softmax: str, region: list[str]) -> tuple[str, 
     while True:
         users = view.users(cur)
         if len(users) != 1:
-            raise _Miss(
-                "attention weights are used outside the attention (returned or reused)", cur
-            )
+            raise _Miss(_WEIGHTS_KEPT.format(how="also returned or used elsewhere"), cur)
         user = users[0]
         op = view.op(user)
         if op in _CAST_OPS:
@@ -137,7 +146,7 @@ def _walk_to_pv(view: GraphView, softmax: str, region: list[str]) -> tuple[str, 
         elif op == "matmul" and view.operands(user)[0] == cur:
             return user, dropout_p
         elif op == "output":
-            raise _Miss("attention weights are returned by the model", cur)
+            raise _Miss(_WEIGHTS_KEPT.format(how="returned by the model"), cur)
         else:
             raise _Miss(f"non-linear op '{_name(view, user)}' between softmax and P·V", user)
         cur = user
@@ -173,12 +182,12 @@ def _walk_to_qk(view: GraphView, start: Operand) -> _Scores:
             chain, term = _chain_and_term(view, cur, operands)
             sign = -1.0 if op == "sub" else 1.0
             _check_additive(view, term, cur)
-            traced = trace_operand(view, term, allow_scale=True)
+            traced = trace_operand(view, _unexpanded(view, term, nodes), allow_scale=True)
             masks.append(MaskTerm(traced, "additive", sign * chain_scale * traced.scale))
             depths.append(len(reshapes))
             cur = chain
         elif op == "where":
-            cur, term, value = _where_parts(view, cur, operands)
+            cur, term, value = _where_parts(view, cur, operands, nodes)
             value = -math.inf if value * chain_scale <= -1e38 else value * chain_scale
             if any(t.kind == "additive" for t in masks) and not math.isinf(value):
                 raise _Miss("a finite masked_fill value followed by an additive mask", cur)
@@ -212,24 +221,33 @@ def _relayout(
     masks applied in between are expanded and reshaped to the scores' own layout."""
     if not reshapes:
         return masks
-    same = view.shape(matmul), view.shape(softmax_input)
-    if (
-        len(reshapes) != 2
-        or same[0] is None
-        or same[1] is None
-        or len(same[0]) != len(same[1])
-        or not all(view.same_size(a, b) for a, b in zip(*same, strict=True))
-    ):
+    if len(reshapes) != 2:
         raise _Miss("scores reshaped between Q·Kᵀ and softmax", reshapes[0])
     back, there = reshapes
-    for r in (back, there):
-        sizes = view.operands(r)[1:]
-        if not sizes or any(isinstance(o, Const) and o.value == -1 for o in sizes):
-            raise _Miss("scores reshaped with inferred (-1) sizes around a mask", r)
+    same = view.shape(matmul), view.shape(softmax_input)
+    if (
+        same[0] is None
+        or same[1] is None
+        or len(same[0]) != len(same[1])
+        or not all(view.same_size(a, b) for a, b in zip(same[0][1:], same[1][1:], strict=True))
+        or not (view.same_size(same[0][0], same[1][0]) or _keeps_numel(view, back, there))
+    ):
+        raise _Miss("scores reshaped between Q·Kᵀ and softmax", reshapes[0])
+    sizes = view.operands(there)[1:]  # the mask is expanded to these; the way back may infer
+    if not sizes or any(isinstance(o, Const) and o.value == -1 for o in sizes):
+        raise _Miss("scores reshaped with inferred (-1) sizes around a mask", there)
     return [
         replace(term, relayout=(there, back)) if depth == 1 else term
         for term, depth in zip(masks, depths, strict=True)
     ]
+
+
+def _keeps_numel(view: GraphView, back: str, there: str) -> bool:
+    """The masks between the two views left the scores' shape as it was (a mask broadcast
+    into them, not them into it), so viewing back gives the scores' element count: the first
+    dim then agrees even when it is an expression sympy cannot simplify (Swin's
+    ``(b // nw) * nw``)."""
+    return view.shape(view.operands(back)[0]) == view.shape(there)
 
 
 def _scalar_and_other(view: GraphView, operands: list[Operand]) -> tuple[float | None, str]:
@@ -275,13 +293,27 @@ def _check_additive(view: GraphView, term: str, node: str) -> None:
         raise _Miss(f"integer mask ({dtype}) added to the scores", node)
 
 
-def _where_parts(view: GraphView, node: str, operands: list[Operand]) -> tuple:
+def _unexpanded(view: GraphView, n: str, region: list[str]) -> str:
+    """A mask before its ``expand``s (the op broadcasts masks). An ``expand_as(mask, scores)``
+    reads the scores for their shape only: it joins the region, so it goes with it."""
+    while view.op(n) == "expand" and isinstance(view.operands(n)[0], str):
+        if len(view.operands(n)) > 1:
+            region.append(n)
+        elif len(view.users(n)) > 1:
+            break
+        n = view.operands(n)[0]
+    return n
+
+
+def _where_parts(view: GraphView, node: str, operands: list[Operand], region: list) -> tuple:
     """``where(cond, x, fill)`` keeps cond; ``where(cond, fill, x)`` (masked_fill) drops it."""
     cond, a, b = operands
     dtype = view.dtype(cond)
     if dtype is not None and dtype != "bool":
         raise _Miss(f"integer mask ({dtype}) used as a condition", node)
-    cond_traced = trace_operand(view, _node(cond, node), allow_scale=False)
+    cond_traced = trace_operand(
+        view, _unexpanded(view, _node(cond, node), region), allow_scale=False
+    )
     va, vb = scalar_value(view, a), scalar_value(view, b)
     if vb is not None and isinstance(a, str) and _reaches_matmul(view, a):
         return a, MaskTerm(cond_traced, "keep"), vb

@@ -282,31 +282,27 @@ def _add(b: _Builder, node: fx.Node) -> None:
         b.emit(node, name, [node.args[0], node.args[1]])
 
 
-@_converts("softmax", "_softmax", "Softmax")
+@_converts("softmax", "_softmax", "Softmax", "_safe_softmax", "log_softmax", "_log_softmax")
 def _softmax(b: _Builder, node: fx.Node) -> None:
+    """``softmax`` and ``_safe_softmax`` (SDPA's decomposition: rows that are all -inf give 0,
+    which the op's kernels give too) are ``softmax``; ``log_softmax`` is kept as itself for
+    canonicalization to fold ``log_softmax(x).exp()``."""
     module = b.module_of(node)
+    name = source_op(node, b.gm)
     x = node.args[0]
     axis = module.dim if module is not None else b.arg(node, 1, "dim")
     dtype = None if module is not None else node.kwargs.get("dtype")
-    if (
-        source_op(node, b.gm) == "softmax"
-        and len(node.args) > 2
-        and isinstance(node.args[2], torch.dtype)
-    ):
+    if len(node.args) > 2 and isinstance(node.args[2], torch.dtype):
         dtype = node.args[2]
     rank = b.rank(x)
+    op = "log_softmax" if "log_softmax" in name else "softmax"
     if axis is None or rank is None:
-        b.emit(node, "opaque", list(node.all_input_nodes), name="softmax")
+        b.emit(node, "opaque", list(node.all_input_nodes), name=op)
         return
     source: Any = x
     if dtype is not None:
         source = b.virtual(node, "cast", [x], shape=_shape(x), dtype=str(dtype))
-    b.emit(node, "softmax", [source], axis=axis % rank)
-
-
-@_converts("log_softmax")
-def _log_softmax(b: _Builder, node: fx.Node) -> None:
-    b.emit(node, "opaque", list(node.all_input_nodes), name="log_softmax")
+    b.emit(node, op, [source], axis=axis % rank)
 
 
 @_converts("to", "_to_copy", "type_as", "float", "half", "bfloat16", "double", "type")
@@ -354,8 +350,9 @@ def _dropout(b: _Builder, node: fx.Node) -> None:
     b.emit(node, "dropout", [node.args[0]], p=float(p), train=bool(train))
 
 
-@_converts("masked_fill")
+@_converts("masked_fill", "masked_fill_")
 def _masked_fill(b: _Builder, node: fx.Node) -> None:
+    """``masked_fill_`` too: detection proves the filled tensor has no other reader."""
     x, cond, value = node.args[0], node.args[1], node.args[2]
     b.emit(node, "where", [cond, value, x])
 
@@ -464,9 +461,12 @@ def _reshape(b: _Builder, node: fx.Node) -> None:
         b.emit(node, "reshape", [node.args[0]])
 
 
-@_converts("expand")
+@_converts("expand", "expand_as")
 def _expand(b: _Builder, node: fx.Node) -> None:
-    b.emit(node, "expand", [node.args[0]])
+    """``expand_as(x, other)`` keeps ``other`` as a second operand: it is read for its shape
+    only, which detection needs to know when ``other`` is the scores."""
+    operands = [node.args[0]] + ([node.args[1]] if source_op(node, b.gm) == "expand_as" else [])
+    b.emit(node, "expand", operands)
 
 
 @_converts("repeat_interleave")

@@ -140,9 +140,13 @@ def splice(
 
 def _is_impure(node: fx.Node) -> bool:
     """Seeded-random ops (SDPA, dropout) count as pure here: a replaced site's dead original
-    must go, and its randomness is not observable once nothing reads it."""
+    must go, and its randomness is not observable once nothing reads it. So does an in-place
+    op (``masked_fill_``) on a tensor nothing else reads: its mutation is invisible."""
     if node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload):
-        return node.target._schema.is_mutable
+        if not node.target._schema.is_mutable:
+            return False
+        mutated = node.args[0] if node.args else None
+        return not (isinstance(mutated, fx.Node) and list(mutated.users) == [node])
     return node.is_impure()
 
 
