@@ -82,8 +82,9 @@ def _site_from_softmax(view: GraphView, softmax: str) -> AttentionSite:
     if axis != rank - 1:
         raise _Miss(f"softmax over axis {axis} of {rank}, not the key axis (last)", softmax)
     region = [softmax, *view.attrs(softmax).get("absorbed", ())]
-    pv, dropout_p = _walk_to_pv(view, softmax, region)
-    scores = _walk_to_qk(view, view.operands(softmax)[0])
+    views_after: list[str] = []
+    pv, dropout_p = _walk_to_pv(view, softmax, region, views_after)
+    scores = _walk_to_qk(view, view.operands(softmax)[0], views_after, view.operands(pv)[0])
     region += scores.nodes
     q, k = _split_qk(view, scores.matmul)
     v = trace_operand(view, _node(view.operands(pv)[1], pv), allow_scale=False)
@@ -124,8 +125,11 @@ def _node(operand: Operand, user: str) -> str:
     return operand
 
 
-def _walk_to_pv(view: GraphView, softmax: str, region: list[str]) -> tuple[str, float]:
-    """Follow the probabilities through casts and dropout to the ``P·V`` matmul."""
+def _walk_to_pv(
+    view: GraphView, softmax: str, region: list[str], views: list[str]
+) -> tuple[str, float]:
+    """Follow the probabilities through casts, dropout and views that keep the last two axes
+    (collected in ``views``) to the ``P·V`` matmul."""
     cur, dropout_p = softmax, 0.0
     while True:
         users = view.users(cur)
@@ -143,6 +147,9 @@ def _walk_to_pv(view: GraphView, softmax: str, region: list[str]) -> tuple[str, 
                 )
             dropout_p = attrs["p"] if attrs["train"] else 0.0
             region.append(user)
+        elif op == "reshape" and _keeps_last_two(view, user):
+            region.append(user)
+            views.append(user)
         elif op == "matmul" and view.operands(user)[0] == cur:
             return user, dropout_p
         elif op == "output":
@@ -156,7 +163,7 @@ def _name(view: GraphView, n: str) -> str:
     return view.attrs(n).get("name", view.op(n))
 
 
-def _walk_to_qk(view: GraphView, start: Operand) -> _Scores:
+def _walk_to_qk(view: GraphView, start: Operand, views_after: list[str], probs: Operand) -> _Scores:
     """Walk back from the softmax input to ``Q·Kᵀ``, collecting scale, masks and fill."""
     cur = _node(start, "softmax")
     scores: _Scores | None = None
@@ -200,7 +207,7 @@ def _walk_to_qk(view: GraphView, start: Operand) -> _Scores:
             reshapes.append(cur)
             cur = _node(operands[0], cur)
         elif op == "matmul":
-            masks = _relayout(view, cur, start, masks, depths, reshapes)
+            masks = _relayout(view, cur, probs, masks, depths, reshapes, views_after)
             scores = _Scores(cur, chain_scale, masks, -math.inf if fill is None else fill, nodes)
         else:
             raise _Miss(f"'{_name(view, cur)}' between Q·Kᵀ and softmax", cur)
@@ -215,16 +222,26 @@ def _keeps_last_two(view: GraphView, n: str) -> bool:
 
 
 def _relayout(
-    view: GraphView, matmul: str, softmax_input: Operand, masks: list, depths: list, reshapes: list
+    view: GraphView,
+    matmul: str,
+    probs: Operand,
+    masks: list,
+    depths: list,
+    reshapes: list,
+    views_after: list,
 ) -> list[MaskTerm]:
-    """Scores viewed as (B, H, N, M) for the mask and back to (B·H, N, M) (OPT/BART-style):
-    masks applied in between are expanded and reshaped to the scores' own layout."""
-    if not reshapes:
+    """Scores viewed as (B, H, N, M) for the mask and back to (B·H, N, M): back before the
+    softmax (OPT/BART) or after it, on the probabilities (Bloom, Falcon). Masks applied in the
+    other layout are expanded and reshaped to the scores' own layout."""
+    if not reshapes and not views_after:
         return masks
-    if len(reshapes) != 2:
-        raise _Miss("scores reshaped between Q·Kᵀ and softmax", reshapes[0])
-    back, there = reshapes
-    same = view.shape(matmul), view.shape(softmax_input)
+    if len(reshapes) + len(views_after) != 2:
+        raise _Miss("scores reshaped between Q·Kᵀ and softmax", (reshapes or views_after)[0])
+    if views_after:  # (there, softmax, back): masks nearer the softmax than ``there`` move
+        back, there, inside = views_after[0], reshapes[0], 0
+    else:
+        back, there, inside = reshapes[0], reshapes[1], 1
+    same = view.shape(matmul), view.shape(probs)
     if (
         same[0] is None
         or same[1] is None
@@ -232,20 +249,36 @@ def _relayout(
         or not all(view.same_size(a, b) for a, b in zip(same[0][1:], same[1][1:], strict=True))
         or not (view.same_size(same[0][0], same[1][0]) or _keeps_numel(view, back, there))
     ):
-        raise _Miss("scores reshaped between Q·Kᵀ and softmax", reshapes[0])
-    sizes = view.operands(there)[1:]  # the mask is expanded to these; the way back may infer
-    if not sizes or any(isinstance(o, Const) and o.value == -1 for o in sizes):
-        raise _Miss("scores reshaped with inferred (-1) sizes around a mask", there)
-    return [
-        replace(term, relayout=(there, back)) if depth == 1 else term
-        for term, depth in zip(masks, depths, strict=True)
-    ]
+        raise _Miss("scores reshaped between Q·Kᵀ and softmax", there)
+    moved = [term for term, depth in zip(masks, depths, strict=True) if depth == inside]
+    for term in moved:
+        _check_expandable(view, there, term)
+    return [replace(term, relayout=(there, back)) if term in moved else term for term in masks]
+
+
+def _check_expandable(view: GraphView, there: str, term: MaskTerm) -> None:
+    """The mask is expanded to the sizes ``there`` spells out; a -1 among them keeps the mask's
+    own size, right only where that already is the scores' size."""
+    sizes, shape = view.operands(there)[1:], view.shape(there)
+    mask_shape = view.shape(term.operand.source) if term.operand.perm is None else None
+    if not sizes or shape is None:
+        raise _Miss("scores reshaped to sizes the graph does not spell out", there)
+    for i, size in enumerate(sizes):
+        if not (isinstance(size, Const) and size.value == -1):
+            continue
+        j = i - len(sizes) + len(mask_shape or ())
+        if mask_shape is None or j < 0 or not _equal_size(view, mask_shape[j], shape[i]):
+            raise _Miss("scores reshaped with inferred (-1) sizes around a mask", there)
+
+
+def _equal_size(view: GraphView, a, b) -> bool:
+    return a == b or view.same_size(a, b)
 
 
 def _keeps_numel(view: GraphView, back: str, there: str) -> bool:
-    """The masks between the two views left the scores' shape as it was (a mask broadcast
-    into them, not them into it), so viewing back gives the scores' element count: the first
-    dim then agrees even when it is an expression sympy cannot simplify (Swin's
+    """The ops between the two views left the scores' shape as it was (a mask broadcast into
+    them, not them into it), so viewing back gives the scores' element count: the first dim
+    then agrees even when it is an expression sympy cannot simplify (Swin's
     ``(b // nw) * nw``)."""
     return view.shape(view.operands(back)[0]) == view.shape(there)
 

@@ -261,10 +261,13 @@ def _transpose(b: _Builder, node: fx.Node) -> None:
     b.emit(node, "transpose", [node.args[0]], perm=tuple(perm))
 
 
-@_converts("mul", "div", "true_divide")
+@_converts("mul", "div", "true_divide", "mul_", "div_")
 def _mul(b: _Builder, node: fx.Node) -> None:
+    """In-place ``mul_``/``div_`` (and ``add_``, ``masked_fill_``) read as their out-of-place
+    op: later uses name the in-place node, and a site's region proves no one else reads the
+    mutated value."""
     x, y = node.args[0], node.args[1]
-    if source_op(node, b.gm) == "mul":
+    if source_op(node, b.gm) in ("mul", "mul_"):
         b.emit(node, "mul", [x, y])
     elif isinstance(y, int | float) and y != 0:
         b.emit(node, "mul", [x, 1.0 / y])
@@ -272,10 +275,10 @@ def _mul(b: _Builder, node: fx.Node) -> None:
         b.emit(node, "div", [x, y])
 
 
-@_converts("add", "sub")
+@_converts("add", "sub", "add_", "sub_")
 def _add(b: _Builder, node: fx.Node) -> None:
     alpha = node.kwargs.get("alpha", 1)
-    name = source_op(node, b.gm)
+    name = source_op(node, b.gm).rstrip("_")
     if alpha != 1:
         b.emit(node, "opaque", list(node.all_input_nodes), name=name)
     else:
