@@ -820,3 +820,31 @@ form2("mqa_alibi_after_scale", x_sized, kv_heads=1, buffers={"slopes": SLOPES})(
 form2("guard_mqa_scale_per_head_tensor", x_sized, sites=0, kv_heads=1, buffers={"hs": SLOPES})(
     lambda m, q, k, v: _sm(_s(q, k) * m.hs.view(1, H, 1, 1)) @ v
 )
+
+
+def _probs_viewed_back(m, q, k, v, a):
+    """Bloom/Falcon: (b·h) scores viewed 4-D for the mask and the softmax, the probabilities
+    viewed back to 3-D for the bmm with V."""
+    b, h, n, d = q.shape
+    q3, k3, v3 = _to3(q, k, v)
+    kt = k3.transpose(1, 2).contiguous()  # K arrives already as (b·h, d, m)
+    w = torch.baddbmm(m.alibi.expand(b * h, 1, k.shape[2]), q3, kt, beta=1.0, alpha=SCALE)
+    p = F.softmax(w.view(b, h, n, -1) + a, dim=-1, dtype=torch.float32).to(q.dtype)
+    return torch.bmm(p.view(b * h, n, -1), v3).view(b, h, n, d)
+
+
+form2(
+    "bmm_probs_viewed_back_after_softmax",
+    x_and_additive,
+    mask="additive",
+    buffers={"alibi": torch.randn(1, 1, 1)},
+)(_probs_viewed_back)
+
+
+def _heads_into_queries(m, q, k, v):
+    b, h, n, d = q.shape
+    p = _sm(_s(q, k) * SCALE).reshape(b, h * n, -1)  # heads folded into the query axis
+    return (p @ v.reshape(b, h * n, d)[:, : k.shape[2]]).view(b, h, n, d)
+
+
+form2("guard_probs_viewed_across_heads", x_sized, sites=0)(_heads_into_queries)
