@@ -118,3 +118,11 @@ def test_cli_bad_parameter_is_a_usage_error_not_internal() -> None:
     result = CliRunner().invoke(app, ["tune", "b=1,zz=3"])
     assert result.exit_code == 2, result.output
     assert "internal error" not in result.output and "cannot read 'zz=3'" in result.output
+
+
+def test_scale_from_the_head_dim_keeps_it_static_and_reports_the_scale() -> None:
+    form = _form("scale_shape_pow")
+    report = attnopt.inspect(form.make(), form.inputs())
+    assert len(report.sites) == 1, report.near_misses
+    assert "scale=0.3536" in report.sites[0].signature
+    assert any("kept static" in note and "q[3]" in note for note in report.notes), report.notes

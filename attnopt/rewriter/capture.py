@@ -111,7 +111,7 @@ def _scale_dims(program: Any, bound: inspect.BoundArguments) -> frozenset:
     computed from a size depends on: ``x / math.sqrt(q.size(-1))``, ``q.shape[-1] ** -0.5``.
     These never change for a model (its weights fix them); kept static, the scale is a
     constant the site can carry."""
-    last_dims = {}
+    last_dims: dict[Any, list] = {}
     for node in program.graph.find_nodes(op="placeholder"):
         val = node.meta.get("val")
         arg = bound.arguments.get(node.name)
@@ -122,12 +122,13 @@ def _scale_dims(program: Any, bound: inspect.BoundArguments) -> frozenset:
             and arg.is_floating_point()
             and _is_symbolic(val.shape[-1])
         ):
-            last_dims[val.shape[-1].node.expr] = (node.name, val.dim() - 1)
+            last_dims.setdefault(val.shape[-1].node.expr, []).append((node.name, val.dim() - 1))
     pinned = set()
     for node in program.graph.nodes:
         val = node.meta.get("val")
         if isinstance(val, torch.SymFloat) and val.node.expr.free_symbols:
-            pinned |= {last_dims[s] for s in val.node.expr.free_symbols if s in last_dims}
+            for symbol in val.node.expr.free_symbols:
+                pinned.update(last_dims.get(symbol, ()))
     return frozenset(pinned)
 
 
@@ -159,7 +160,13 @@ def capture(model: nn.Module, inputs: Inputs) -> Capture:
             pinned = _scale_dims(program, bound) if dynamic else frozenset()
             if pinned:
                 program = _export(model, inputs, bound, dynamic, pinned)
-            return _exported(program, dynamic)
+            captured = _exported(program, dynamic)
+            if pinned:
+                dims = ", ".join(f"{name}[{dim}]" for name, dim in sorted(pinned))
+                captured.notes.append(
+                    f"{dims} kept static: an attention scale is computed from them"
+                )
+            return captured
         except Exception as err:  # noqa: BLE001 - every export failure means: try the next way
             failures.append(
                 f"torch.export ({'dynamic' if dynamic else 'static'}): {_first_line(err)}"

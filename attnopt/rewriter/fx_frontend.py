@@ -512,6 +512,12 @@ def _reduce(b: _Builder, node: fx.Node) -> None:
 
 @_converts("getitem")
 def _getitem(b: _Builder, node: fx.Node) -> None:
+    source = node.args[0]
+    if isinstance(source, fx.Node) and source_op(source, b.gm) == "wrap_with_autocast":
+        # export keeps a torch.autocast block as a sub-graph: opaque, named so the near miss
+        # says where the attention went
+        b.emit(node, "opaque", [source], name="a torch.autocast block (a captured sub-graph)")
+        return
     b.emit(
         node,
         "getitem",
