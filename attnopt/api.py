@@ -12,7 +12,7 @@ from torch.utils import _pytree as pytree
 
 from attnopt.codegen.registry import Kernel, kernels_for, select_kernel
 from attnopt.codegen.signature import KernelSignature
-from attnopt.errors import AttnoptError, ShapeError
+from attnopt.errors import AttnoptError, InputSignatureError, ShapeError, UnsupportedModelError
 from attnopt.passes.plan import plan
 from attnopt.report import NearMissReport, Report, SiteReport
 from attnopt.rewriter.canonicalize import canonicalize
@@ -93,9 +93,31 @@ def inspect(model: nn.Module | str | os.PathLike, example_inputs: Any = None) ->
         from attnopt.onnx_api import inspect as inspect_onnx
 
         return inspect_onnx(model)
+    _check_model(model)
     inputs = Inputs.of(example_inputs)
     captured, _, found = _detect(model, inputs)
     return _base_report(model, captured, found, "-")
+
+
+def _check_model(model: Any) -> None:
+    if not isinstance(model, nn.Module):
+        raise UnsupportedModelError(
+            f"model must be a torch.nn.Module (or the path of an .onnx file), not "
+            f"{type(model).__name__}; wrap a function in an nn.Module whose forward calls it"
+        )
+
+
+def _reference(model: nn.Module, inputs: Inputs) -> Any:
+    """The original model's output on the example inputs; a model that fails on its own
+    example inputs is the user's to fix, so the failure is reported as such."""
+    try:
+        with torch.no_grad():
+            return model(*inputs.args, **inputs.kwargs)
+    except Exception as err:  # noqa: BLE001 - whatever the model raises, name it
+        raise InputSignatureError(
+            f"{type(model).__name__} raised {type(err).__name__} on the example inputs "
+            f"({' '.join(str(err).split())[:300]}); give inputs the model runs on"
+        ) from err
 
 
 def optimize(
@@ -124,11 +146,11 @@ def optimize(
     def lap(phase: str) -> None:
         timings[phase] = time.perf_counter() - start - sum(timings.values())
 
+    _check_model(model)
     inputs = Inputs.of(example_inputs)
     resolved = resolve(target)
     check_signature(model, inputs)
-    with torch.no_grad():
-        reference = model(*inputs.args, **inputs.kwargs)
+    reference = _reference(model, inputs)
     check_outputs(reference)
     lap("reference")
     captured, view, found = _detect(model, inputs)
@@ -142,40 +164,47 @@ def optimize(
         if choice.chosen is None:
             site_report.status, site_report.reason = "skipped", "; ".join(choice.reasons)
             continue
+        try:
+            spliced = splice(gm, view, choice.site, choice.chosen.replacement(choice.site))
+        except Exception as err:  # noqa: BLE001 - one site's failure must not sink the model
+            _give_up(site_report, "rewrite", err)
+            continue
         site_report.variant = choice.chosen.name
-        splices.append(
-            (site_report, splice(gm, view, choice.site, choice.chosen.replacement(choice.site)))
-        )
+        splices.append((site_report, spliced))
     gm.recompile()
     lap("rewrite")
     for site_report, _ in splices:
-        _configure_kernel(
-            site_report,
-            site_report.kernel_signature,
-            resolved,
-            tune,
-            storage,
-            trials,
-        )
-    lap("tune" if tune else "configs")
-    result = _validate_sites(gm, inputs, splices, tolerance)
-    finish(gm)
-    optimized = OptimizedModule(gm, report)
-    if result is None or any(r.status == "restored" for r, _ in splices):
-        with torch.no_grad():
-            result = optimized(*inputs.args, **inputs.kwargs)
-    report.output_error = compare_outputs(result, reference)
-    live = [(r, s) for r, s in splices if r.status == "rewritten"]
-    model_tol = tolerance_for(_main_dtype(reference), tolerance) * max(1, len(live))
-    if live and report.output_error > model_tol:
-        for site_report, spliced in live:
-            spliced.restore()
-            site_report.status = "restored"
-            site_report.reason = (
-                f"model output error {report.output_error:.2e} above {model_tol:.0e}"
+        try:
+            _configure_kernel(
+                site_report, site_report.kernel_signature, resolved, tune, storage, trials
             )
-        finish(gm)
-        report.output_error = compare_outputs(optimized(*inputs.args, **inputs.kwargs), reference)
+        except Exception as err:  # noqa: BLE001 - the op then runs its default config
+            site_report.config = f"kernel default (config failed: {_reason(err)})"
+    lap("tune" if tune else "configs")
+    result, splices = _validate_sites(gm, view, inputs, splices, tolerance)
+    optimized = OptimizedModule(gm, report)
+    live = [(r, s) for r, s in splices if r.status == "rewritten"]
+    if live:  # the whole model, before dead code goes, so any site can still be restored
+        model_tol = _model_tolerance(reference, [r for r, _ in live], tolerance)
+        try:
+            if result is None or len(live) < len(splices):
+                with torch.no_grad():
+                    result = optimized(*inputs.args, **inputs.kwargs)
+            report.output_error = compare_outputs(result, reference)
+            why = f"model output error {report.output_error:.2e} above {model_tol:.0e}"
+        except Exception as err:  # noqa: BLE001
+            report.output_error, why = float("inf"), f"model run failed ({_reason(err)})"
+        if report.output_error > model_tol:
+            for site_report, spliced in live:
+                spliced.restore()
+                site_report.status, site_report.reason = "restored", why
+            live = []
+    finish(gm)
+    if not live:
+        with torch.no_grad():
+            report.output_error = compare_outputs(
+                optimized(*inputs.args, **inputs.kwargs), reference
+            )
     lap("validate")
     timings["total"] = time.perf_counter() - start
     report.seconds = timings
@@ -223,6 +252,27 @@ def _kernel_at_example(sig: KernelSignature, device_type: str) -> Kernel:
     return select_kernel("exact", q, k, v, None, "causal" in sig.mask_kind, 0)
 
 
+def _model_tolerance(reference: Any, live: list[SiteReport], tolerance: float | None) -> float:
+    """Per-dtype tolerance of the model's output, or of the least precise rewritten site's dtype
+    when that is looser (fp16 attention inside an fp32 model), once per rewritten site."""
+    dtypes = [_main_dtype(reference)] + [
+        getattr(torch, r.kernel_signature.dtype, torch.float32)
+        for r in live
+        if r.kernel_signature is not None
+    ]
+    return max(tolerance_for(d, tolerance) for d in dtypes) * len(live)
+
+
+def _reason(err: BaseException) -> str:
+    text = " ".join(str(err).split())
+    return f"{type(err).__name__}: {text[:200]}" if text else type(err).__name__
+
+
+def _give_up(site_report: SiteReport, stage: str, err: BaseException) -> None:
+    site_report.status = "restored" if stage != "rewrite" else "skipped"
+    site_report.reason = f"{stage} failed ({_reason(err)}); the original code is kept"
+
+
 def _main_dtype(outputs: Any) -> torch.dtype:
     for leaf in pytree.tree_leaves(outputs):
         if isinstance(leaf, torch.Tensor) and leaf.is_floating_point():
@@ -238,13 +288,40 @@ def _record(key: int, value: torch.Tensor) -> None:
 
 
 def _validate_sites(
+    gm: fx.GraphModule, view: GraphView, inputs: Inputs, splices: list, tolerance: float | None
+) -> tuple[Any, list]:
+    """Run the graph once with old and new site outputs both computed from the same inputs;
+    restore every site whose replacement disagrees. If that run fails, each site is spliced
+    and run alone, and those that fail are restored with the reason. Returns the run's model
+    output (None when it has to be run again) and the splices, as they now stand."""
+    if not splices:
+        return None, splices
+    try:
+        return _validate_run(gm, inputs, splices, tolerance), splices
+    except Exception:  # noqa: BLE001 - find the site(s) at fault below
+        pass
+    for _, spliced in splices:
+        spliced.remove()
+    passed = []
+    for site_report, spliced in splices:
+        alone = splice(gm, view, spliced.site, spliced.replacement)
+        try:
+            _validate_run(gm, inputs, [(site_report, alone)], tolerance)
+        except Exception as err:  # noqa: BLE001
+            _give_up(site_report, "validation run", err)
+        alone.remove()
+        if site_report.status == "rewritten":
+            passed.append(site_report)
+    splices = [
+        (r, splice(gm, view, s.site, s.replacement) if r in passed else s) for r, s in splices
+    ]
+    gm.recompile()
+    return None, splices
+
+
+def _validate_run(
     gm: fx.GraphModule, inputs: Inputs, splices: list, tolerance: float | None
 ) -> Any:
-    """Run the graph once with old and new site outputs both computed from the same inputs;
-    restore every site whose replacement disagrees. Returns the run's model output (that of the
-    rewritten model), or None when there was nothing to validate."""
-    if not splices:
-        return None
     probes = []
     for index, (_, spliced) in enumerate(splices):
         for key, node in ((2 * index, spliced.old), (2 * index + 1, spliced.new)):
@@ -259,14 +336,13 @@ def _validate_sites(
             old, new = _RECORDED[2 * index], _RECORDED[2 * index + 1]
             err = max_error(new, old)
             site_report.max_error = err
-            if err <= tolerance_for(old.dtype, tolerance):
+            limit = _model_tolerance(old, [site_report], tolerance)
+            if err <= limit:
                 site_report.status = "rewritten"
             else:
                 spliced.restore()
                 site_report.status = "restored"
-                site_report.reason = (
-                    f"error {err:.2e} above tolerance {tolerance_for(old.dtype, tolerance):.0e}"
-                )
+                site_report.reason = f"error {err:.2e} above tolerance {limit:.0e}"
         return result
     finally:
         for probe in probes:

@@ -39,8 +39,8 @@ def _one_line_errors(command: Callable) -> Callable:
     def wrapper(*args, **kwargs):
         try:
             return command(*args, **kwargs)
-        except typer.Exit:
-            raise
+        except (typer.Exit, typer.BadParameter):
+            raise  # typer.BadParameter and friends print as usage errors
         except Exception as failure:
             if os.environ.get("ATTNOPT_DEBUG"):
                 raise

@@ -9,6 +9,10 @@ class CaptureError(AttnoptError):
     """The model could not be captured into a graph by any front end."""
 
 
+class UnsupportedModelError(AttnoptError):
+    """What was passed as the model is not something attnopt can read."""
+
+
 class InputSignatureError(AttnoptError):
     """The example inputs do not match the model's forward signature."""
 

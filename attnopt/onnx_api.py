@@ -54,7 +54,8 @@ def _base_report(loaded: Loaded, graph: OnnxGraph, found: Detection) -> Report:
         ops = ", ".join(f"{count}× {op}" for op, count in graph.fused.items())
         report.notes.append(f"attention already fused in the model: {ops}")
     report.sites = [
-        SiteReport(s.location, s.describe(), s.mask_kind, s.source) for s in found.sites
+        SiteReport(s.location, s.describe(), s.mask_kind, s.source, kernel_signature=s.signature())
+        for s in found.sites
     ]
     report.near_misses = [NearMissReport(m.location, m.rule) for m in found.near_misses]
     return report

@@ -69,6 +69,9 @@ class Form:
     inputs: Callable[[], tuple]
     sites: int
     mask: str | None = None  # expected mask kind of every site, when checked
+    other: Callable[[], tuple] | None = None  # inputs at a second shape (batch and length)
+    atol: float = 1e-5  # output tolerance (fp16 forms need more)
+    random: bool = False  # the original itself is random (active dropout): outputs not compared
 
 
 def x_in() -> tuple:
@@ -554,3 +557,294 @@ def _opt_style(m, q, k, v, mask):
 
 
 form("opt_style_bmm_4d_mask", inputs=x_and_padding, mask="additive")(_opt_style)
+
+
+# -- round 2: the spellings real models use ------------------------------------------------
+# Each form has inputs at two shapes (``sized(batch, length)``), and a guard that must NOT fuse
+# sits next to each group.
+
+
+def form2(
+    name: str,
+    sized: Callable,
+    sites: int = 1,
+    mask: str | None = None,
+    atol: float = 1e-5,
+    random: bool = False,
+    make: Callable | None = None,
+    **kw,
+):
+    """Register ``body`` (in ``Attention``, or ``make()``) checked at two input shapes."""
+
+    def register(body: Callable) -> Callable:
+        build = make or (lambda: Attention(body, **kw).eval())
+        inputs, other = (lambda: sized(B, N)), (lambda: sized(B + 1, N - 4))
+        FORMS.append(Form(name, build, inputs, sites, mask, other, atol, random))
+        return body
+
+    return register
+
+
+def x_sized(b: int, n: int) -> tuple:
+    return (torch.randn(b, n, C),)
+
+
+def qkv_sized(b: int, n: int, dtype: torch.dtype = torch.float32) -> tuple:
+    return tuple(torch.randn(b, H, n, D, dtype=dtype) for _ in range(3))
+
+
+def qkv_half(b: int, n: int) -> tuple:
+    return qkv_sized(b, n, torch.float16)
+
+
+class RawQKV(nn.Module):
+    """Attention over the module's own inputs q, k, v: every dim, the head dim too, is
+    dynamic under capture unless something pins it."""
+
+    def __init__(self, body: Callable):
+        super().__init__()
+        self.body = body
+
+    def forward(self, q, k, v):
+        return self.body(q, k, v)
+
+
+def raw(name: str, sized: Callable = qkv_sized, sites: int = 1, atol: float = 1e-5):
+    def register(body: Callable) -> Callable:
+        return form2(name, sized, sites, atol=atol, make=lambda: RawQKV(body).eval())(body)
+
+    return register
+
+
+def _s(q, k):
+    return q @ k.transpose(-2, -1)
+
+
+# scales computed from shapes
+raw("scale_div_sqrt_size")(lambda q, k, v: _sm(_s(q, k) / math.sqrt(q.size(-1))) @ v)
+raw("scale_shape_pow")(lambda q, k, v: _sm(_s(q, k) * q.shape[-1] ** -0.5) @ v)
+raw("scale_div_full_0d")(
+    lambda q, k, v: _sm(torch.div(_s(q, k), torch.full([], math.sqrt(q.size(-1))))) @ v
+)
+form2(
+    "guard_div_by_per_head_tensor",
+    x_sized,
+    sites=0,
+    params={"temperature": nn.Parameter(torch.rand(H, 1, 1) + 0.5)},
+)(lambda m, q, k, v: _sm(_s(q, k) / m.temperature) @ v)
+
+# softmax spellings, casts, dropout that is the identity
+raw("softmax_safe_softmax")(lambda q, k, v: torch.ops.aten._safe_softmax(_s(q, k) * SCALE, -1) @ v)
+raw("softmax_log_softmax_exp")(lambda q, k, v: F.log_softmax(_s(q, k) * SCALE, -1).exp() @ v)
+raw("softmax_fp32_then_to_half", qkv_half, atol=2e-3)(
+    lambda q, k, v: (_s(q, k) * SCALE).float().softmax(-1).to(torch.half) @ v
+)
+raw("softmax_fp32_then_type_v_dtype", qkv_half, atol=2e-3)(
+    lambda q, k, v: F.softmax(_s(q, k).float() * SCALE, dim=-1).type(v.dtype) @ v
+)
+raw("softmax_fp32_then_type_as_q", qkv_half, atol=2e-3)(
+    lambda q, k, v: _sm((_s(q, k) * SCALE).float()).type_as(q) @ v
+)
+raw("v_cast_to_probs_dtype", qkv_half, atol=2e-3)(
+    lambda q, k, v: (lambda p: (p @ v.to(p.dtype)).half())(_sm(_s(q, k).float() * SCALE))
+)
+raw("dropout_p0_default_training")(lambda q, k, v: F.dropout(_sm(_s(q, k) * SCALE), 0.0) @ v)
+raw("torch_dropout_p0_train_true")(
+    lambda q, k, v: torch.dropout(_sm(_s(q, k) * SCALE), 0.0, True) @ v
+)
+raw("guard_log_softmax_without_exp", sites=0)(
+    lambda q, k, v: F.log_softmax(_s(q, k) * SCALE, -1) @ v
+)
+form2("guard_functional_dropout_training", x_sized, sites=0, random=True)(
+    lambda m, q, k, v: F.dropout(_sm(_s(q, k) * SCALE), 0.1, training=True) @ v
+)
+
+
+# masks
+def x_and_keep_long(b: int, n: int) -> tuple:
+    keep = torch.ones(b, n, dtype=torch.long)
+    keep[0, -3:] = 0
+    return torch.randn(b, n, C), keep
+
+
+def _expand_as_mask(m, q, k, v, keep):
+    s = _s(q, k) * SCALE
+    dropped = (keep == 0).view(q.shape[0], 1, 1, k.shape[-2]).expand_as(s)
+    return _sm(s.masked_fill(dropped, float("-inf"))) @ v
+
+
+form2("mask_eq0_view_expand_as", x_and_keep_long, mask="boolean")(_expand_as_mask)
+
+
+def x_and_additive(b: int, n: int, dtype: torch.dtype = torch.float32) -> tuple:
+    additive = torch.zeros(b, 1, 1, n, dtype=dtype)
+    additive[0, ..., -3:] = torch.finfo(dtype).min
+    return torch.randn(b, n, C), additive
+
+
+def _where_causal_plus_additive(m, q, k, v, a):
+    n = q.shape[-2]
+    causal = torch.ones(n, n, dtype=torch.bool).tril()
+    floor = torch.full((), torch.finfo(torch.float32).min)
+    return _sm(torch.where(causal, _s(q, k) * SCALE, floor) + a) @ v
+
+
+form2("mask_where_causal_finfo_plus_additive", x_and_additive, mask="causal+additive")(
+    _where_causal_plus_additive
+)
+
+
+def x_and_keep_bool(b: int, n: int) -> tuple:
+    keep = torch.rand(b, 1, n, n) > 0.3
+    keep[..., 0] = True
+    return torch.randn(b, n, C), keep
+
+
+def _masked_fill_inplace(m, q, k, v, keep):
+    s = _s(q, k) * SCALE
+    s.masked_fill_(~keep, float("-inf"))
+    return _sm(s) @ v
+
+
+form2("mask_masked_fill_inplace", x_and_keep_bool, mask="boolean")(_masked_fill_inplace)
+form2(
+    "mask_half_additive_on_fp32_scores",
+    lambda b, n: x_and_additive(b, n, torch.float16),
+    mask="additive",
+)(lambda m, q, k, v, a: _sm(_s(q, k) * SCALE + a) @ v)
+
+WINDOWS = 2
+
+
+def _swin(m, q, k, v):
+    """Swin: a shifted-window mask (windows, N, N) added through a 5-D view of the scores."""
+    b, h, n, _ = q.shape
+    s = _s(q, k) * SCALE + m.rel_bias
+    s = s.view(b // WINDOWS, WINDOWS, h, n, n) + m.window_mask.unsqueeze(1).unsqueeze(0)
+    return _sm(s.view(-1, h, n, n)) @ v
+
+
+form2(
+    "swin_shifted_window_5d_view",
+    lambda b, n: (torch.randn(2 * b, N, C),),
+    mask="additive",
+    buffers={
+        "window_mask": torch.where(torch.rand(WINDOWS, N, N) > 0.3, 0.0, -100.0),
+        "rel_bias": torch.randn(1, H, N, N),
+    },
+)(_swin)
+
+
+def _inplace_then_reused(m, q, k, v, keep):
+    s = _s(q, k) * SCALE
+    s.masked_fill_(~keep, float("-inf"))
+    return _sm(s) @ v + s.amax(-1, keepdim=True)
+
+
+form2("guard_masked_scores_reused", x_and_keep_bool, sites=0)(_inplace_then_reused)
+
+
+# products and layouts
+def _to3(*ts):
+    return tuple(t.reshape(-1, t.shape[-2], t.shape[-1]) for t in ts)
+
+
+def _baddbmm_empty(m, q, k, v):
+    b, h, n, d = q.shape
+    q3, k3, v3 = _to3(q, k, v)
+    empty = torch.empty(b * h, n, k3.shape[1], dtype=q.dtype)
+    scores = torch.baddbmm(empty, q3, k3.transpose(1, 2), beta=0, alpha=SCALE)
+    return torch.bmm(_sm(scores), v3).view(b, h, n, d)
+
+
+form2("baddbmm_empty_beta0", x_sized)(_baddbmm_empty)
+
+
+def _bmm_views_scale_inside(m, q, k, v, a):
+    b, h, n, d = q.shape
+    q3, k3, v3 = _to3(q, k, v)
+    w = torch.bmm(q3, k3.transpose(1, 2)).view(b, h, n, k.shape[2])
+    w = (w * SCALE + a).view(b * h, n, k.shape[2])
+    return torch.bmm(w.softmax(-1), v3).view(b, h, n, d)
+
+
+form2("bmm_3d_viewed_4d_scale_and_mask", x_and_additive, mask="additive")(_bmm_views_scale_inside)
+
+
+def _einsum_detached_max(m, q, k, v):
+    s = torch.einsum("bhnd,bhmd->bhnm", q, k) * SCALE
+    s = s - s.amax(-1, keepdim=True).detach()
+    return torch.einsum("bhnm,bhmd->bhnd", s.softmax(-1), v)
+
+
+form2("einsum_minus_detached_row_max", x_sized)(_einsum_detached_max)
+
+
+def _minus_column_max(m, q, k, v):
+    s = _s(q, k) * SCALE
+    return (s - s.amax(-2, keepdim=True)).softmax(-1) @ v
+
+
+form2("guard_minus_column_max", x_sized, sites=0)(_minus_column_max)
+
+
+class KeyPreTransposed(nn.Module):
+    """K comes out of its projection already as (b, h, d, L): no transpose before Q·Kᵀ."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.k, self.v = (nn.Linear(C, H * D) for _ in range(3))
+
+    def forward(self, x):
+        b, n, _ = x.shape
+        q = self.q(x).view(b, n, H, D).transpose(1, 2)
+        kt = self.k(x).view(b, n, H, D).permute(0, 2, 3, 1)
+        v = self.v(x).view(b, n, H, D).transpose(1, 2)
+        return (_sm(q @ kt * SCALE) @ v).transpose(1, 2).reshape(b, n, H * D)
+
+
+form2("k_projected_pre_transposed", x_sized, make=lambda: KeyPreTransposed().eval())(None)
+SLOPES = torch.tensor([2.0 ** (-i) for i in range(1, H + 1)])
+
+
+def _alibi_bias(m, n):
+    return m.slopes.view(1, H, 1, 1) * torch.arange(n).float()[None, :]
+
+
+form2("mqa_alibi_before_scale", x_sized, kv_heads=1, buffers={"slopes": SLOPES})(
+    lambda m, q, k, v: _sm((_s(q, k) + _alibi_bias(m, q.shape[-2])) * SCALE) @ v
+)
+form2("mqa_alibi_after_scale", x_sized, kv_heads=1, buffers={"slopes": SLOPES})(
+    lambda m, q, k, v: _sm(_s(q, k) * SCALE + _alibi_bias(m, q.shape[-2])) @ v
+)
+form2("guard_mqa_scale_per_head_tensor", x_sized, sites=0, kv_heads=1, buffers={"hs": SLOPES})(
+    lambda m, q, k, v: _sm(_s(q, k) * m.hs.view(1, H, 1, 1)) @ v
+)
+
+
+def _probs_viewed_back(m, q, k, v, a):
+    """Bloom/Falcon: (b·h) scores viewed 4-D for the mask and the softmax, the probabilities
+    viewed back to 3-D for the bmm with V."""
+    b, h, n, d = q.shape
+    q3, k3, v3 = _to3(q, k, v)
+    kt = k3.transpose(1, 2).contiguous()  # K arrives already as (b·h, d, m)
+    w = torch.baddbmm(m.alibi.expand(b * h, 1, k.shape[2]), q3, kt, beta=1.0, alpha=SCALE)
+    p = F.softmax(w.view(b, h, n, -1) + a, dim=-1, dtype=torch.float32).to(q.dtype)
+    return torch.bmm(p.view(b * h, n, -1), v3).view(b, h, n, d)
+
+
+form2(
+    "bmm_probs_viewed_back_after_softmax",
+    x_and_additive,
+    mask="additive",
+    buffers={"alibi": torch.randn(1, 1, 1)},
+)(_probs_viewed_back)
+
+
+def _heads_into_queries(m, q, k, v):
+    b, h, n, d = q.shape
+    p = _sm(_s(q, k) * SCALE).reshape(b, h * n, -1)  # heads folded into the query axis
+    return (p @ v.reshape(b, h * n, d)[:, : k.shape[2]]).view(b, h, n, d)
+
+
+form2("guard_probs_viewed_across_heads", x_sized, sites=0)(_heads_into_queries)

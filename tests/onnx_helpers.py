@@ -92,7 +92,7 @@ def export(
 def form_inputs(form) -> tuple[dict[str, torch.Tensor], dict[str, dict[int, str]]]:
     """A form's inputs by name (``x``, ``in1``, ...) and their dynamic dims: batch and
     sequence (``seq``; ``ctx`` for a second, context sequence) where the form has them."""
-    from tests.forms import B
+    from tests.forms import B, H, N
 
     inputs, dynamic = {}, {}
     for index, tensor in enumerate(form.inputs()):
@@ -100,6 +100,10 @@ def form_inputs(form) -> tuple[dict[str, torch.Tensor], dict[str, dict[int, str]
         inputs[name] = tensor
         if tensor.dim() == 3 and tensor.is_floating_point() and tensor.shape[0] == B:
             dynamic[name] = {0: "batch", 1: "seq" if index == 0 else "ctx"}
+        elif tensor.dim() == 2 and tuple(tensor.shape) == (B, N):
+            dynamic[name] = {0: "batch", 1: "seq"}  # a padding mask per token
+        elif tensor.dim() == 4 and tensor.shape[:2] == (B, H) and tensor.is_floating_point():
+            dynamic[name] = {0: "batch", 2: "seq"}  # q, k or v as (batch, heads, seq, head dim)
         elif tensor.dim() == 4 and tensor.shape[0] == B:
             dynamic[name] = {0: "batch", 3: "seq"} | ({} if tensor.shape[2] == 1 else {2: "seq"})
     return inputs, dynamic

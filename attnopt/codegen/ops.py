@@ -52,7 +52,15 @@ def _run(q, k, v, mask, scale, causal, window, fill, kv_group):
     out, _ = kernel.forward(
         heads.q, heads.k, heads.v, heads.mask, scale=scale, causal=causal, window=window, fill=fill
     )
-    return out.reshape(heads.out_shape)
+    return _nan_rows(out, heads.q).reshape(heads.out_shape)
+
+
+def _nan_rows(out: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """A NaN in a query row makes that row's scores, and so its output, NaN in the decomposed
+    original; online-softmax kernels drop it (their running max ignores NaN). Put it back."""
+    if not q.is_floating_point():
+        return out
+    return out.masked_fill(torch.isnan(q).any(dim=-1, keepdim=True), float("nan"))
 
 
 @torch.library.custom_op("attnopt::attention", mutates_args=())

@@ -27,7 +27,66 @@ def canonicalize(view: GraphView) -> GraphView:
     """Rewrite the view in place into canonical form and return it."""
     for node in view.nodes("div"):
         _fold_manual_softmax(view, node)
+        _div_as_mul(view, node)
+    for node in view.nodes("exp"):
+        _fold_exp_log_softmax(view, node)
+    for node in view.nodes("softmax"):
+        _drop_row_max_shift(view, node)
     return view
+
+
+def _fold_exp_log_softmax(view: GraphView, exp: str) -> None:
+    """``exp(log_softmax(x))`` is ``softmax(x)``."""
+    inner = _skip_identity(view, view.operands(exp)[0])
+    if isinstance(inner, str) and view.op(inner) == "log_softmax":
+        absorbed = (inner, *_identities_between(view, view.operands(exp)[0], inner))
+        view.replace(
+            exp, "softmax", view.operands(inner), axis=view.attrs(inner)["axis"], absorbed=absorbed
+        )
+
+
+def _drop_row_max_shift(view: GraphView, softmax: str) -> None:
+    """``softmax(x - max(x, -1, keepdim))`` is ``softmax(x)`` (the shift, often detached, only
+    guards exp against overflow, which softmax itself does)."""
+    x = _skip_identity(view, view.operands(softmax)[0])
+    attrs = view.attrs(softmax)
+    if not isinstance(x, str) or view.op(x) != "sub" or attrs["axis"] != (view.rank(x) or 0) - 1:
+        return
+    source, shift = view.operands(x)
+    shift_max = _row_max_of(view, _skip_identity(view, shift))
+    if shift_max is None or _skip_identity(view, view.operands(shift_max)[0]) != _skip_identity(
+        view, source
+    ):
+        return
+    absorbed = (
+        *attrs.get("absorbed", ()),
+        x,
+        shift_max,
+        *_identities_between(view, shift, shift_max),
+    )
+    if view.op(_skip_identity(view, shift)) == "getitem":
+        absorbed += (_skip_identity(view, shift),)
+    view.replace(softmax, "softmax", [source], axis=attrs["axis"], absorbed=absorbed)
+
+
+def _identities_between(view: GraphView, start: Operand, end: str) -> tuple[str, ...]:
+    """The identity nodes walked from ``start`` back to ``end``."""
+    found = []
+    while isinstance(start, str) and start != end and view.op(start) in PASSTHROUGH:
+        found.append(start)
+        start = view.operands(start)[0]
+    return tuple(found)
+
+
+def _div_as_mul(view: GraphView, div: str) -> None:
+    """``x / c`` for a known scalar ``c`` (a number, or a 0-d ``full``/``scalar_tensor``) is
+    ``x * (1/c)``, so a scale spelled as a tensor division is an ordinary scale."""
+    if view.op(div) != "div":
+        return
+    x, y = view.operands(div)
+    divisor = scalar_value(view, y)
+    if isinstance(x, str) and divisor is not None and divisor != 0:
+        view.replace(div, "mul", [x, Const(1.0 / divisor)])
 
 
 def _skip_identity(view: GraphView, n: Operand) -> Operand:

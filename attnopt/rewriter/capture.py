@@ -31,15 +31,33 @@ class Inputs:
     @classmethod
     def of(cls, example_inputs: Any) -> Inputs:
         if isinstance(example_inputs, dict):
-            return cls((), dict(example_inputs))
+            return _checked(cls((), dict(example_inputs)))
         if isinstance(example_inputs, torch.Tensor):
             return cls((example_inputs,), {})
         if isinstance(example_inputs, list | tuple):
-            return cls(tuple(example_inputs), {})
+            return _checked(cls(tuple(example_inputs), {}))
         raise InputSignatureError(
             f"example_inputs must be a tuple of positional arguments or a dict of keyword "
             f"arguments, not {type(example_inputs).__name__}"
         )
+
+
+_PLAIN = (torch.Tensor, int, float, bool, type(None))
+
+
+def _checked(inputs: Inputs) -> Inputs:
+    """Example inputs are tensors (in tuples, lists, dicts) and plain numbers, flags or None:
+    what a captured graph can take. Anything else is named here, not deep inside the model."""
+    leaves, _ = pytree.tree_flatten((inputs.args, inputs.kwargs))
+    for leaf in leaves:
+        if not isinstance(leaf, _PLAIN):
+            raise InputSignatureError(
+                f"example inputs must be tensors (or ints, floats, bools, None), but one is a "
+                f"{type(leaf).__name__} ({str(leaf)[:40]!r}); pass torch tensors"
+            )
+    if not any(isinstance(leaf, torch.Tensor) for leaf in leaves):
+        raise InputSignatureError("example inputs hold no tensor: pass the model's input tensors")
+    return inputs
 
 
 @dataclass
@@ -80,8 +98,38 @@ def _auto_dims(value: Any) -> Any:
     return {i: Dim.AUTO for i in range(value.dim())} if isinstance(value, torch.Tensor) else None
 
 
-def _dynamic_shapes(bound: inspect.BoundArguments) -> dict:
-    return {name: pytree.tree_map(_auto_dims, value) for name, value in bound.arguments.items()}
+def _dynamic_shapes(bound: inspect.BoundArguments, pinned: frozenset = frozenset()) -> dict:
+    """Every dim dynamic except the ``(argument, dim)`` pairs in ``pinned``."""
+    shapes = {name: pytree.tree_map(_auto_dims, value) for name, value in bound.arguments.items()}
+    for name, dim in pinned:
+        shapes[name][dim] = Dim.STATIC
+    return shapes
+
+
+def _scale_dims(program: Any, bound: inspect.BoundArguments) -> frozenset:
+    """Input feature dims (the last dim of a top-level floating-point argument) that a float
+    computed from a size depends on: ``x / math.sqrt(q.size(-1))``, ``q.shape[-1] ** -0.5``.
+    These never change for a model (its weights fix them); kept static, the scale is a
+    constant the site can carry."""
+    last_dims: dict[Any, list] = {}
+    for node in program.graph.find_nodes(op="placeholder"):
+        val = node.meta.get("val")
+        arg = bound.arguments.get(node.name)
+        if (
+            isinstance(val, torch.Tensor)
+            and isinstance(arg, torch.Tensor)
+            and val.dim()
+            and arg.is_floating_point()
+            and _is_symbolic(val.shape[-1])
+        ):
+            last_dims.setdefault(val.shape[-1].node.expr, []).append((node.name, val.dim() - 1))
+    pinned = set()
+    for node in program.graph.nodes:
+        val = node.meta.get("val")
+        if isinstance(val, torch.SymFloat) and val.node.expr.free_symbols:
+            for symbol in val.node.expr.free_symbols:
+                pinned.update(last_dims.get(symbol, ()))
+    return frozenset(pinned)
 
 
 def _has_unit_dim(inputs: Inputs) -> bool:
@@ -108,15 +156,17 @@ def capture(model: nn.Module, inputs: Inputs) -> Capture:
     failures = []
     for dynamic in (True, False):
         try:
-            with _sizes_of_one_stay_dynamic(dynamic and _has_unit_dim(inputs)):
-                program = torch.export.export(
-                    model,
-                    inputs.args,
-                    inputs.kwargs,
-                    dynamic_shapes=_dynamic_shapes(bound) if dynamic else None,
-                    strict=False,
+            program = _export(model, inputs, bound, dynamic, frozenset())
+            pinned = _scale_dims(program, bound) if dynamic else frozenset()
+            if pinned:
+                program = _export(model, inputs, bound, dynamic, pinned)
+            captured = _exported(program, dynamic)
+            if pinned:
+                dims = ", ".join(f"{name}[{dim}]" for name, dim in sorted(pinned))
+                captured.notes.append(
+                    f"{dims} kept static: an attention scale is computed from them"
                 )
-            return _exported(program, dynamic)
+            return captured
         except Exception as err:  # noqa: BLE001 - every export failure means: try the next way
             failures.append(
                 f"torch.export ({'dynamic' if dynamic else 'static'}): {_first_line(err)}"
@@ -131,6 +181,19 @@ def capture(model: nn.Module, inputs: Inputs) -> Capture:
         + "\nRemove the construct named above (data-dependent Python control flow, "
         "non-tensor outputs, unsupported ops) or make it depend only on shapes."
     )
+
+
+def _export(
+    model: nn.Module, inputs: Inputs, bound: inspect.BoundArguments, dynamic: bool, pinned
+) -> Any:
+    with _sizes_of_one_stay_dynamic(dynamic and _has_unit_dim(inputs)):
+        return torch.export.export(
+            model,
+            inputs.args,
+            inputs.kwargs,
+            dynamic_shapes=_dynamic_shapes(bound, pinned) if dynamic else None,
+            strict=False,
+        )
 
 
 def _is_symbolic(size: Any) -> bool:

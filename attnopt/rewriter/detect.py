@@ -23,6 +23,11 @@ from attnopt.rewriter.graph import Const, GraphView, Operand
 from attnopt.rewriter.site import AttentionSite, MaskTerm, NearMiss
 
 _CAST_OPS = {"cast"} | PASSTHROUGH
+_WEIGHTS_KEPT = (
+    "the attention weights (the softmax output) are {how}, e.g. with output_attentions=True; "
+    "a fused kernel never builds them, so this attention is left as it is. Run without "
+    "returning the weights (output_attentions=False) to have it rewritten"
+)
 _INT_DTYPES = ("int", "uint", "bool")
 
 
@@ -43,12 +48,18 @@ def detect(view: GraphView) -> Detection:
     found = Detection()
     anchors = [(n, _site_from_softmax) for n in view.nodes("softmax")]
     anchors += [(n, _site_from_sdpa) for n in view.nodes("sdpa")]
+    anchors += [(n, _unexponentiated) for n in view.nodes("log_softmax")]
     for node, build in anchors:
         try:
             found.sites.append(build(view, node))
         except _Miss as miss:
             found.near_misses.append(NearMiss(view.location(node), miss.rule, miss.node))
     return found
+
+
+def _unexponentiated(view: GraphView, node: str) -> AttentionSite:
+    """A ``log_softmax`` that canonicalization did not fold into ``softmax`` (no ``exp``)."""
+    raise _Miss("log_softmax used as it is (not exponentiated): its rows are not weights", node)
 
 
 # -- decomposed attention ------------------------------------------------------------------
@@ -71,8 +82,9 @@ def _site_from_softmax(view: GraphView, softmax: str) -> AttentionSite:
     if axis != rank - 1:
         raise _Miss(f"softmax over axis {axis} of {rank}, not the key axis (last)", softmax)
     region = [softmax, *view.attrs(softmax).get("absorbed", ())]
-    pv, dropout_p = _walk_to_pv(view, softmax, region)
-    scores = _walk_to_qk(view, view.operands(softmax)[0])
+    views_after: list[str] = []
+    pv, dropout_p = _walk_to_pv(view, softmax, region, views_after)
+    scores = _walk_to_qk(view, view.operands(softmax)[0], views_after, view.operands(pv)[0])
     region += scores.nodes
     q, k = _split_qk(view, scores.matmul)
     v = trace_operand(view, _node(view.operands(pv)[1], pv), allow_scale=False)
@@ -113,15 +125,16 @@ def _node(operand: Operand, user: str) -> str:
     return operand
 
 
-def _walk_to_pv(view: GraphView, softmax: str, region: list[str]) -> tuple[str, float]:
-    """Follow the probabilities through casts and dropout to the ``P·V`` matmul."""
+def _walk_to_pv(
+    view: GraphView, softmax: str, region: list[str], views: list[str]
+) -> tuple[str, float]:
+    """Follow the probabilities through casts, dropout and views that keep the last two axes
+    (collected in ``views``) to the ``P·V`` matmul."""
     cur, dropout_p = softmax, 0.0
     while True:
         users = view.users(cur)
         if len(users) != 1:
-            raise _Miss(
-                "attention weights are used outside the attention (returned or reused)", cur
-            )
+            raise _Miss(_WEIGHTS_KEPT.format(how="also returned or used elsewhere"), cur)
         user = users[0]
         op = view.op(user)
         if op in _CAST_OPS:
@@ -134,10 +147,13 @@ def _walk_to_pv(view: GraphView, softmax: str, region: list[str]) -> tuple[str, 
                 )
             dropout_p = attrs["p"] if attrs["train"] else 0.0
             region.append(user)
+        elif op == "reshape" and _keeps_last_two(view, user):
+            region.append(user)
+            views.append(user)
         elif op == "matmul" and view.operands(user)[0] == cur:
             return user, dropout_p
         elif op == "output":
-            raise _Miss("attention weights are returned by the model", cur)
+            raise _Miss(_WEIGHTS_KEPT.format(how="returned by the model"), cur)
         else:
             raise _Miss(f"non-linear op '{_name(view, user)}' between softmax and P·V", user)
         cur = user
@@ -147,7 +163,7 @@ def _name(view: GraphView, n: str) -> str:
     return view.attrs(n).get("name", view.op(n))
 
 
-def _walk_to_qk(view: GraphView, start: Operand) -> _Scores:
+def _walk_to_qk(view: GraphView, start: Operand, views_after: list[str], probs: Operand) -> _Scores:
     """Walk back from the softmax input to ``Q·Kᵀ``, collecting scale, masks and fill."""
     cur = _node(start, "softmax")
     scores: _Scores | None = None
@@ -173,12 +189,12 @@ def _walk_to_qk(view: GraphView, start: Operand) -> _Scores:
             chain, term = _chain_and_term(view, cur, operands)
             sign = -1.0 if op == "sub" else 1.0
             _check_additive(view, term, cur)
-            traced = trace_operand(view, term, allow_scale=True)
+            traced = trace_operand(view, _unexpanded(view, term, nodes), allow_scale=True)
             masks.append(MaskTerm(traced, "additive", sign * chain_scale * traced.scale))
             depths.append(len(reshapes))
             cur = chain
         elif op == "where":
-            cur, term, value = _where_parts(view, cur, operands)
+            cur, term, value = _where_parts(view, cur, operands, nodes)
             value = -math.inf if value * chain_scale <= -1e38 else value * chain_scale
             if any(t.kind == "additive" for t in masks) and not math.isinf(value):
                 raise _Miss("a finite masked_fill value followed by an additive mask", cur)
@@ -191,7 +207,7 @@ def _walk_to_qk(view: GraphView, start: Operand) -> _Scores:
             reshapes.append(cur)
             cur = _node(operands[0], cur)
         elif op == "matmul":
-            masks = _relayout(view, cur, start, masks, depths, reshapes)
+            masks = _relayout(view, cur, probs, masks, depths, reshapes, views_after)
             scores = _Scores(cur, chain_scale, masks, -math.inf if fill is None else fill, nodes)
         else:
             raise _Miss(f"'{_name(view, cur)}' between Q·Kᵀ and softmax", cur)
@@ -206,30 +222,65 @@ def _keeps_last_two(view: GraphView, n: str) -> bool:
 
 
 def _relayout(
-    view: GraphView, matmul: str, softmax_input: Operand, masks: list, depths: list, reshapes: list
+    view: GraphView,
+    matmul: str,
+    probs: Operand,
+    masks: list,
+    depths: list,
+    reshapes: list,
+    views_after: list,
 ) -> list[MaskTerm]:
-    """Scores viewed as (B, H, N, M) for the mask and back to (B·H, N, M) (OPT/BART-style):
-    masks applied in between are expanded and reshaped to the scores' own layout."""
-    if not reshapes:
+    """Scores viewed as (B, H, N, M) for the mask and back to (B·H, N, M): back before the
+    softmax (OPT/BART) or after it, on the probabilities (Bloom, Falcon). Masks applied in the
+    other layout are expanded and reshaped to the scores' own layout."""
+    if not reshapes and not views_after:
         return masks
-    same = view.shape(matmul), view.shape(softmax_input)
+    if len(reshapes) + len(views_after) != 2:
+        raise _Miss("scores reshaped between Q·Kᵀ and softmax", (reshapes or views_after)[0])
+    if views_after:  # (there, softmax, back): masks nearer the softmax than ``there`` move
+        back, there, inside = views_after[0], reshapes[0], 0
+    else:
+        back, there, inside = reshapes[0], reshapes[1], 1
+    same = view.shape(matmul), view.shape(probs)
     if (
-        len(reshapes) != 2
-        or same[0] is None
+        same[0] is None
         or same[1] is None
         or len(same[0]) != len(same[1])
-        or not all(view.same_size(a, b) for a, b in zip(*same, strict=True))
+        or not all(view.same_size(a, b) for a, b in zip(same[0][1:], same[1][1:], strict=True))
+        or not (view.same_size(same[0][0], same[1][0]) or _keeps_numel(view, back, there))
     ):
-        raise _Miss("scores reshaped between Q·Kᵀ and softmax", reshapes[0])
-    back, there = reshapes
-    for r in (back, there):
-        sizes = view.operands(r)[1:]
-        if not sizes or any(isinstance(o, Const) and o.value == -1 for o in sizes):
-            raise _Miss("scores reshaped with inferred (-1) sizes around a mask", r)
-    return [
-        replace(term, relayout=(there, back)) if depth == 1 else term
-        for term, depth in zip(masks, depths, strict=True)
-    ]
+        raise _Miss("scores reshaped between Q·Kᵀ and softmax", there)
+    moved = [term for term, depth in zip(masks, depths, strict=True) if depth == inside]
+    for term in moved:
+        _check_expandable(view, there, term)
+    return [replace(term, relayout=(there, back)) if term in moved else term for term in masks]
+
+
+def _check_expandable(view: GraphView, there: str, term: MaskTerm) -> None:
+    """The mask is expanded to the sizes ``there`` spells out; a -1 among them keeps the mask's
+    own size, right only where that already is the scores' size."""
+    sizes, shape = view.operands(there)[1:], view.shape(there)
+    mask_shape = view.shape(term.operand.source) if term.operand.perm is None else None
+    if not sizes or shape is None:
+        raise _Miss("scores reshaped to sizes the graph does not spell out", there)
+    for i, size in enumerate(sizes):
+        if not (isinstance(size, Const) and size.value == -1):
+            continue
+        j = i - len(sizes) + len(mask_shape or ())
+        if mask_shape is None or j < 0 or not _equal_size(view, mask_shape[j], shape[i]):
+            raise _Miss("scores reshaped with inferred (-1) sizes around a mask", there)
+
+
+def _equal_size(view: GraphView, a, b) -> bool:
+    return a == b or view.same_size(a, b)
+
+
+def _keeps_numel(view: GraphView, back: str, there: str) -> bool:
+    """The ops between the two views left the scores' shape as it was (a mask broadcast into
+    them, not them into it), so viewing back gives the scores' element count: the first dim
+    then agrees even when it is an expression sympy cannot simplify (Swin's
+    ``(b // nw) * nw``)."""
+    return view.shape(view.operands(back)[0]) == view.shape(there)
 
 
 def _scalar_and_other(view: GraphView, operands: list[Operand]) -> tuple[float | None, str]:
@@ -275,13 +326,27 @@ def _check_additive(view: GraphView, term: str, node: str) -> None:
         raise _Miss(f"integer mask ({dtype}) added to the scores", node)
 
 
-def _where_parts(view: GraphView, node: str, operands: list[Operand]) -> tuple:
+def _unexpanded(view: GraphView, n: str, region: list[str]) -> str:
+    """A mask before its ``expand``s (the op broadcasts masks). An ``expand_as(mask, scores)``
+    reads the scores for their shape only: it joins the region, so it goes with it."""
+    while view.op(n) == "expand" and isinstance(view.operands(n)[0], str):
+        if len(view.operands(n)) > 1:
+            region.append(n)
+        elif len(view.users(n)) > 1:
+            break
+        n = view.operands(n)[0]
+    return n
+
+
+def _where_parts(view: GraphView, node: str, operands: list[Operand], region: list) -> tuple:
     """``where(cond, x, fill)`` keeps cond; ``where(cond, fill, x)`` (masked_fill) drops it."""
     cond, a, b = operands
     dtype = view.dtype(cond)
     if dtype is not None and dtype != "bool":
         raise _Miss(f"integer mask ({dtype}) used as a condition", node)
-    cond_traced = trace_operand(view, _node(cond, node), allow_scale=False)
+    cond_traced = trace_operand(
+        view, _unexpanded(view, _node(cond, node), region), allow_scale=False
+    )
     va, vb = scalar_value(view, a), scalar_value(view, b)
     if vb is not None and isinstance(a, str) and _reaches_matmul(view, a):
         return a, MaskTerm(cond_traced, "keep"), vb

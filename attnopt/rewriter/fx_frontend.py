@@ -261,10 +261,13 @@ def _transpose(b: _Builder, node: fx.Node) -> None:
     b.emit(node, "transpose", [node.args[0]], perm=tuple(perm))
 
 
-@_converts("mul", "div", "true_divide")
+@_converts("mul", "div", "true_divide", "mul_", "div_")
 def _mul(b: _Builder, node: fx.Node) -> None:
+    """In-place ``mul_``/``div_`` (and ``add_``, ``masked_fill_``) read as their out-of-place
+    op: later uses name the in-place node, and a site's region proves no one else reads the
+    mutated value."""
     x, y = node.args[0], node.args[1]
-    if source_op(node, b.gm) == "mul":
+    if source_op(node, b.gm) in ("mul", "mul_"):
         b.emit(node, "mul", [x, y])
     elif isinstance(y, int | float) and y != 0:
         b.emit(node, "mul", [x, 1.0 / y])
@@ -272,41 +275,37 @@ def _mul(b: _Builder, node: fx.Node) -> None:
         b.emit(node, "div", [x, y])
 
 
-@_converts("add", "sub")
+@_converts("add", "sub", "add_", "sub_")
 def _add(b: _Builder, node: fx.Node) -> None:
     alpha = node.kwargs.get("alpha", 1)
-    name = source_op(node, b.gm)
+    name = source_op(node, b.gm).rstrip("_")
     if alpha != 1:
         b.emit(node, "opaque", list(node.all_input_nodes), name=name)
     else:
         b.emit(node, name, [node.args[0], node.args[1]])
 
 
-@_converts("softmax", "_softmax", "Softmax")
+@_converts("softmax", "_softmax", "Softmax", "_safe_softmax", "log_softmax", "_log_softmax")
 def _softmax(b: _Builder, node: fx.Node) -> None:
+    """``softmax`` and ``_safe_softmax`` (SDPA's decomposition: rows that are all -inf give 0,
+    which the op's kernels give too) are ``softmax``; ``log_softmax`` is kept as itself for
+    canonicalization to fold ``log_softmax(x).exp()``."""
     module = b.module_of(node)
+    name = source_op(node, b.gm)
     x = node.args[0]
     axis = module.dim if module is not None else b.arg(node, 1, "dim")
     dtype = None if module is not None else node.kwargs.get("dtype")
-    if (
-        source_op(node, b.gm) == "softmax"
-        and len(node.args) > 2
-        and isinstance(node.args[2], torch.dtype)
-    ):
+    if len(node.args) > 2 and isinstance(node.args[2], torch.dtype):
         dtype = node.args[2]
     rank = b.rank(x)
+    op = "log_softmax" if "log_softmax" in name else "softmax"
     if axis is None or rank is None:
-        b.emit(node, "opaque", list(node.all_input_nodes), name="softmax")
+        b.emit(node, "opaque", list(node.all_input_nodes), name=op)
         return
     source: Any = x
     if dtype is not None:
         source = b.virtual(node, "cast", [x], shape=_shape(x), dtype=str(dtype))
-    b.emit(node, "softmax", [source], axis=axis % rank)
-
-
-@_converts("log_softmax")
-def _log_softmax(b: _Builder, node: fx.Node) -> None:
-    b.emit(node, "opaque", list(node.all_input_nodes), name="log_softmax")
+    b.emit(node, op, [source], axis=axis % rank)
 
 
 @_converts("to", "_to_copy", "type_as", "float", "half", "bfloat16", "double", "type")
@@ -354,8 +353,9 @@ def _dropout(b: _Builder, node: fx.Node) -> None:
     b.emit(node, "dropout", [node.args[0]], p=float(p), train=bool(train))
 
 
-@_converts("masked_fill")
+@_converts("masked_fill", "masked_fill_")
 def _masked_fill(b: _Builder, node: fx.Node) -> None:
+    """``masked_fill_`` too: detection proves the filled tensor has no other reader."""
     x, cond, value = node.args[0], node.args[1], node.args[2]
     b.emit(node, "where", [cond, value, x])
 
@@ -464,9 +464,12 @@ def _reshape(b: _Builder, node: fx.Node) -> None:
         b.emit(node, "reshape", [node.args[0]])
 
 
-@_converts("expand")
+@_converts("expand", "expand_as")
 def _expand(b: _Builder, node: fx.Node) -> None:
-    b.emit(node, "expand", [node.args[0]])
+    """``expand_as(x, other)`` keeps ``other`` as a second operand: it is read for its shape
+    only, which detection needs to know when ``other`` is the scores."""
+    operands = [node.args[0]] + ([node.args[1]] if source_op(node, b.gm) == "expand_as" else [])
+    b.emit(node, "expand", operands)
 
 
 @_converts("repeat_interleave")
@@ -509,6 +512,12 @@ def _reduce(b: _Builder, node: fx.Node) -> None:
 
 @_converts("getitem")
 def _getitem(b: _Builder, node: fx.Node) -> None:
+    source = node.args[0]
+    if isinstance(source, fx.Node) and source_op(source, b.gm) == "wrap_with_autocast":
+        # export keeps a torch.autocast block as a sub-graph: opaque, named so the near miss
+        # says where the attention went
+        b.emit(node, "opaque", [source], name="a torch.autocast block (a captured sub-graph)")
+        return
     b.emit(
         node,
         "getitem",

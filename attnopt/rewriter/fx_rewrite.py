@@ -30,9 +30,17 @@ class Splice:
     old: fx.Node
     new: fx.Node
     op_call: fx.Node
+    replacement: Replacement
+    created: list[fx.Node]  # every node the splice inserted, in graph order
 
     def restore(self) -> None:
         self.new.replace_all_uses_with(self.old)
+
+    def remove(self) -> None:
+        """Restore the site and erase what the splice inserted, so none of it runs."""
+        self.restore()
+        for node in reversed(self.created):
+            node.graph.erase_node(node)
 
 
 def _resolve_op(name: str) -> Any:
@@ -52,6 +60,14 @@ def _sizes(view: GraphView, reshape: str) -> list:
     return [o.value if isinstance(o, Const) else view.handle(o) for o in view.operands(reshape)[1:]]
 
 
+def _cast(graph: fx.Graph, node: fx.Node, have: str | None, want: str | None) -> fx.Node:
+    """``node`` (of dtype ``have``) in the site's compute dtype ``want``, when both are known:
+    mixed-precision sites (an fp16 mask or V beside fp32 scores) run in one dtype."""
+    if have is None or want is None or have in (want, "bool"):
+        return node
+    return graph.call_function(aten.to.dtype, (node, getattr(torch, want)))
+
+
 def _mask(graph: fx.Graph, view: GraphView, site: AttentionSite) -> fx.Node | None:
     """One mask tensor: additive terms summed (keep masks folded in as -inf), or one bool mask."""
     additive, keep = None, None
@@ -62,6 +78,7 @@ def _mask(graph: fx.Graph, view: GraphView, site: AttentionSite) -> fx.Node | No
             value = graph.call_function(aten.expand.default, (value, there))
             value = graph.call_function(aten.reshape.default, (value, back))
         if term.kind == "additive":
+            value = _cast(graph, value, view.dtype(term.operand.source), site.dtype)
             if term.multiplier != 1.0:
                 value = graph.call_function(aten.mul.Tensor, (value, term.multiplier))
             additive = (
@@ -90,10 +107,11 @@ def splice(
     """Insert the replacement before the site's output and move the output's users onto it."""
     graph = gm.graph
     old = view.handle(site.output)
+    before = set(graph.nodes)
     with graph.inserting_before(old):
         q = _value(graph, view, site.q)
-        k = _value(graph, view, site.k)
-        v = _value(graph, view, site.v)
+        k = _cast(graph, _value(graph, view, site.k), view.dtype(site.k.source), site.dtype)
+        v = _cast(graph, _value(graph, view, site.v), view.dtype(site.v.source), site.dtype)
         mask = _mask(graph, view, site)
         attrs = replacement.attrs
         call = graph.call_function(
@@ -116,14 +134,19 @@ def splice(
         if site.output_dtype is not None and site.output_dtype != site.dtype:
             new = graph.call_function(aten.to.dtype, (new, getattr(torch, site.output_dtype)))
     old.replace_all_uses_with(new)
-    return Splice(site, old, new, call)
+    created = [n for n in graph.nodes if n not in before]
+    return Splice(site, old, new, call, replacement, created)
 
 
 def _is_impure(node: fx.Node) -> bool:
     """Seeded-random ops (SDPA, dropout) count as pure here: a replaced site's dead original
-    must go, and its randomness is not observable once nothing reads it."""
+    must go, and its randomness is not observable once nothing reads it. So does an in-place
+    op (``masked_fill_``) on a tensor nothing else reads: its mutation is invisible."""
     if node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload):
-        return node.target._schema.is_mutable
+        if not node.target._schema.is_mutable:
+            return False
+        mutated = node.args[0] if node.args else None
+        return not (isinstance(mutated, fx.Node) and list(mutated.users) == [node])
     return node.is_impure()
 
 

@@ -340,10 +340,11 @@ def _nan_guards(
     return guards, tests
 
 
-@_converts("Softmax")
+@_converts("Softmax", "LogSoftmax")
 def _softmax(b: _Builder, node: onnx.NodeProto) -> None:
     """Before opset 13 Softmax flattens the input from ``axis`` on: the same as softmax over
-    the last axis only when ``axis`` is the last axis, opaque otherwise."""
+    the last axis only when ``axis`` is the last axis, opaque otherwise. ``LogSoftmax`` stays
+    itself, for canonicalization to fold ``Exp(LogSoftmax(x))``."""
     rank = b.rank(node.input[0])
     axis = b.attr(node, "axis", -1 if b.opset >= 13 else 1)
     if rank is None:
@@ -351,9 +352,10 @@ def _softmax(b: _Builder, node: onnx.NodeProto) -> None:
         return
     axis %= rank
     if b.opset < 13 and axis != rank - 1:
-        b.opaque(node, "Softmax (opset < 13, flattening)")
+        b.opaque(node, f"{node.op_type} (opset < 13, flattening)")
         return
-    b.emit(node, "softmax", [node.input[0]], axis=axis)
+    op = "log_softmax" if node.op_type == "LogSoftmax" else "softmax"
+    b.emit(node, op, [node.input[0]], axis=axis)
 
 
 @_converts("Cast", "CastLike")

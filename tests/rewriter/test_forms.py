@@ -22,11 +22,21 @@ def test_form(form) -> None:
         assert report.near_misses, "a guard form must be reported as a near miss"
     if form.mask is not None:
         assert all(s.mask == form.mask for s in report.sites), report.to_json()
-    if model.training:
+    if model.training or form.random:
         return  # dropout is random: outputs cannot be compared
-    with torch.no_grad():
-        expected, got = model(*inputs), optimized(*inputs)
-    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    shapes = [inputs] + ([form.other()] if form.other is not None and report.dynamic else [])
+    for args in shapes:
+        with torch.no_grad():
+            expected, got = model(*args), optimized(*args)
+        torch.testing.assert_close(got, expected, atol=form.atol, rtol=form.atol)
+    if form.other is not None and form.sites:
+        assert report.dynamic, "forms with two shapes must capture with dynamic shapes"
+
+
+def test_returned_weights_are_explained_in_plain_words() -> None:
+    form = next(f for f in FORMS if f.name == "guard_returns_attention_weights")
+    report = attnopt.inspect(form.make(), form.inputs())
+    assert "output_attentions" in report.near_misses[0].rule, report.near_misses
 
 
 def test_catalogue_is_large_enough() -> None:

