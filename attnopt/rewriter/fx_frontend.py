@@ -261,6 +261,18 @@ def _transpose(b: _Builder, node: fx.Node) -> None:
     b.emit(node, "transpose", [node.args[0]], perm=tuple(perm))
 
 
+@_converts("getattr")
+def _getattr(b: _Builder, node: fx.Node) -> None:
+    """Dynamo records tensor properties as ``getattr(x, "mT")``: the transposing ones count."""
+    rank = b.rank(node.args[0])
+    if node.args[1] != "mT" or rank is None or rank < 2:
+        b.emit(node, "opaque", list(node.all_input_nodes), name="getattr")
+        return
+    perm = list(range(rank))
+    perm[-2], perm[-1] = perm[-1], perm[-2]
+    b.emit(node, "transpose", [node.args[0]], perm=tuple(perm))
+
+
 @_converts("mul", "div", "true_divide")
 def _mul(b: _Builder, node: fx.Node) -> None:
     x, y = node.args[0], node.args[1]
