@@ -11,6 +11,7 @@ attention sites detected and rewritten.
 from __future__ import annotations
 
 import copy
+import inspect
 from typing import Any
 
 import torch
@@ -36,7 +37,8 @@ def why_dynamo(
     can_generate = getattr(model, "can_generate", None)
     if callable(can_generate) and can_generate():
         return "the model generates: its calls carry a cache and change argument sets"
-    for name, value in {**dict(enumerate(inputs.args)), **inputs.kwargs}.items():
+    bound = inspect.signature(model.forward).bind(*inputs.args, **inputs.kwargs)
+    for name, value in bound.arguments.items():
         for leaf in pytree.tree_leaves(value):
             if not isinstance(leaf, _PLAIN):
                 return f"input {name!r} carries a {type(leaf).__name__}"

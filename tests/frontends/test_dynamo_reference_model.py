@@ -1,0 +1,113 @@
+"""A model written like Meta's reference Llama: cache buffers written in place at ``start_pos``,
+``forward(tokens, start_pos)``, driven by a hand-written decoding loop."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import attnopt
+
+DIM, HEADS, KV_HEADS, LAYERS, VOCAB, MAX_SEQ, MAX_BATCH = 32, 4, 2, 2, 64, 32, 2
+HEAD_DIM = DIM // HEADS
+
+
+class Attention(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.wq = nn.Linear(DIM, HEADS * HEAD_DIM, bias=False)
+        self.wk = nn.Linear(DIM, KV_HEADS * HEAD_DIM, bias=False)
+        self.wv = nn.Linear(DIM, KV_HEADS * HEAD_DIM, bias=False)
+        self.wo = nn.Linear(HEADS * HEAD_DIM, DIM, bias=False)
+        shape = (MAX_BATCH, MAX_SEQ, KV_HEADS, HEAD_DIM)
+        self.register_buffer("cache_k", torch.zeros(shape), persistent=False)
+        self.register_buffer("cache_v", torch.zeros(shape), persistent=False)
+
+    def forward(self, x: torch.Tensor, start_pos: int, mask: torch.Tensor | None) -> torch.Tensor:
+        bsz, seqlen, _ = x.shape
+        xq = self.wq(x).view(bsz, seqlen, HEADS, HEAD_DIM)
+        xk = self.wk(x).view(bsz, seqlen, KV_HEADS, HEAD_DIM)
+        xv = self.wv(x).view(bsz, seqlen, KV_HEADS, HEAD_DIM)
+        self.cache_k[:bsz, start_pos : start_pos + seqlen] = xk
+        self.cache_v[:bsz, start_pos : start_pos + seqlen] = xv
+        keys = self.cache_k[:bsz, : start_pos + seqlen]
+        values = self.cache_v[:bsz, : start_pos + seqlen]
+        rep = HEADS // KV_HEADS
+        keys = keys.repeat_interleave(rep, dim=2)
+        values = values.repeat_interleave(rep, dim=2)
+        xq, keys, values = xq.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2)
+        scores = torch.matmul(xq, keys.transpose(2, 3)) / math.sqrt(HEAD_DIM)
+        if mask is not None:
+            scores = scores + mask
+        scores = F.softmax(scores.float(), dim=-1).type_as(xq)
+        output = torch.matmul(scores, values)
+        return self.wo(output.transpose(1, 2).contiguous().view(bsz, seqlen, -1))
+
+
+class Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.attention = Attention()
+        self.norm = nn.LayerNorm(DIM)
+        self.ffn = nn.Sequential(nn.Linear(DIM, 2 * DIM), nn.SiLU(), nn.Linear(2 * DIM, DIM))
+
+    def forward(self, x, start_pos, mask):
+        h = x + self.attention(self.norm(x), start_pos, mask)
+        return h + self.ffn(self.norm(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.tok_embeddings = nn.Embedding(VOCAB, DIM)
+        self.pos = nn.Embedding(MAX_SEQ, DIM)
+        self.layers = nn.ModuleList(Block() for _ in range(LAYERS))
+        self.output = nn.Linear(DIM, VOCAB, bias=False)
+
+    @torch.inference_mode()
+    def forward(self, tokens: torch.Tensor, start_pos: int) -> torch.Tensor:
+        _, seqlen = tokens.shape
+        positions = torch.arange(start_pos, start_pos + seqlen, device=tokens.device)
+        h = self.tok_embeddings(tokens) + self.pos(positions)
+        mask = None
+        if seqlen > 1:
+            mask = torch.full((seqlen, seqlen), float("-inf"), device=tokens.device)
+            mask = torch.triu(mask, diagonal=1)
+            mask = torch.hstack([torch.zeros((seqlen, start_pos), device=tokens.device), mask])
+        for layer in self.layers:
+            h = layer(h, start_pos, mask)
+        return self.output(h).float()
+
+
+def greedy(model: nn.Module, prompt: torch.Tensor, new: int) -> torch.Tensor:
+    tokens, start = prompt, 0
+    out = []
+    for _ in range(new):
+        logits = model(tokens, start)
+        start += tokens.shape[1]
+        tokens = logits[:, -1].argmax(-1, keepdim=True)
+        out.append(tokens)
+    return torch.cat(out, dim=1)
+
+
+def test_reference_style_loop_same_tokens_op_every_step(op_calls) -> None:
+    model = Transformer().eval()
+    prompt = torch.randint(0, VOCAB, (2, 5))
+    expected = greedy(model, prompt, 8)
+    optimized = attnopt.optimize(model, (prompt, 0))
+    report = optimized.attnopt_report
+    assert type(optimized) is Transformer and report.capture == "dynamo"
+    assert "'start_pos' is a Python number" in report.notes[0]
+    op_calls.clear()
+    got = greedy(optimized, prompt, 8)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    assert op_calls[:LAYERS] == [(5, 5)] * LAYERS
+    decode = op_calls[LAYERS:]
+    assert decode == [(1, m) for m in range(6, 13) for _ in range(LAYERS)]
+    assert report.graphs_of("decode") and report.graphs_of("prefill")
+    # the two models keep separate caches, and share their weights
+    assert optimized.layers[0].attention.cache_k is not model.layers[0].attention.cache_k
+    assert optimized.output.weight is model.output.weight
