@@ -12,7 +12,7 @@ from torch.utils import _pytree as pytree
 
 from attnopt.codegen.registry import Kernel, kernels_for, select_kernel
 from attnopt.codegen.signature import KernelSignature
-from attnopt.errors import AttnoptError, ShapeError
+from attnopt.errors import AttnoptError, InputSignatureError, ShapeError
 from attnopt.frontends.dynamo.model import (
     buffer_versions,
     comparable,
@@ -49,6 +49,14 @@ class OptimizedModule(nn.Module):
             return self.graph_module(*args, **kwargs)
         try:
             return self.graph_module(*args, **kwargs)
+        except ValueError as err:
+            if not str(err).startswith("Trying to flatten user inputs"):
+                raise
+            raise InputSignatureError(
+                "called with other arguments than the example's (the exported graph takes only "
+                "those); optimize with capture='dynamo' to serve calls with other argument sets, "
+                "such as a prefill without and decode steps with a cache"
+            ) from None
         except AssertionError as err:
             if not str(err).startswith("Guard failed"):
                 raise

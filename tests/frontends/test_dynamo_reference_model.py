@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import attnopt
+from attnopt.errors import InputSignatureError
 
 DIM, HEADS, KV_HEADS, LAYERS, VOCAB, MAX_SEQ, MAX_BATCH = 32, 4, 2, 2, 64, 32, 2
 HEAD_DIM = DIM // HEADS
@@ -111,3 +113,36 @@ def test_reference_style_loop_same_tokens_op_every_step(op_calls) -> None:
     # the two models keep separate caches, and share their weights
     assert optimized.layers[0].attention.cache_k is not model.layers[0].attention.cache_k
     assert optimized.output.weight is model.output.weight
+
+
+class PastTuple(nn.Module):
+    """Attention that takes and returns its past keys/values as a tuple."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.k, self.v = (nn.Linear(DIM, DIM) for _ in range(3))
+
+    def forward(self, x: torch.Tensor, past: tuple | None = None):
+        q, k, v = self.q(x), self.k(x), self.v(x)
+        if past is not None:
+            k, v = torch.cat([past[0], k], 1), torch.cat([past[1], v], 1)
+        weights = (q @ k.transpose(-1, -2) / math.sqrt(DIM)).softmax(-1)
+        return weights @ v, (k, v)
+
+
+def test_tuple_of_past_keys_values(op_calls) -> None:
+    model = PastTuple().eval()
+    prompt, steps = torch.randn(2, 5, DIM), [torch.randn(2, 1, DIM) for _ in range(3)]
+    exported = attnopt.optimize(model, (prompt,))
+    _, past = exported(prompt)
+    with pytest.raises(InputSignatureError, match="capture='dynamo'"):
+        exported(steps[0], past)
+    optimized = attnopt.optimize(model, (prompt,), capture="dynamo")
+    op_calls.clear()
+    with torch.no_grad():
+        (got, past), (expected, ref_past) = optimized(prompt), model(prompt)
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+        for x in steps:
+            (out, past), (ref, ref_past) = optimized(x, past), model(x, ref_past)
+            torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    assert op_calls == [(5, 5), (1, 6), (1, 7), (1, 8)]
