@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import argparse
 import copy
+import inspect
 import json
 import statistics
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from rich.console import Console
@@ -97,21 +97,26 @@ def measure(model: torch.nn.Module, ids: torch.Tensor, new: int, repeats: int) -
     """(prefill ms, decode tokens/s, generated tokens) for one model and prompt.
 
     Decode is timed as ``new`` single-token forward passes against the prompt's KV cache, the
-    calls ``generate()`` makes, each repeat on a fresh copy of the prompt's cache."""
+    calls ``generate()`` makes, the cache cropped back to the prompt after each repeat."""
     greedy = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
     with torch.no_grad():
         out = model.generate(ids, max_new_tokens=new, min_new_tokens=new, **greedy)
         prefill = median_ms(lambda: model(ids), repeats)
         first = model(ids)
+        cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else None
+        cache_arg = cache_arg or "past_key_values"  # older transformers
 
-        def decode(cache: Any) -> float:
-            token, start = first.logits[:, -1:].argmax(-1), time.perf_counter()
+        cache, start = first[cache_arg], first.logits[:, -1:].argmax(-1)
+
+        def decode() -> float:
+            token, began = start, time.perf_counter()
             for _ in range(new):
-                token = model(token, past_key_values=cache).logits[:, -1:].argmax(-1)
-            return (time.perf_counter() - start) * 1e3
+                token = model(token, **{cache_arg: cache}).logits[:, -1:].argmax(-1)
+            elapsed = (time.perf_counter() - began) * 1e3
+            cache.crop(-new)  # back to the prompt: the same cache object every repeat
+            return elapsed
 
-        copies = [copy.deepcopy(first.past_key_values) for _ in range(repeats + 1)]
-        decode_ms = statistics.median([decode(c) for c in copies][1:])  # the first is warm-up
+        decode_ms = statistics.median([decode() for _ in range(repeats + 1)][1:])  # 1st warms up
     return prefill, new * ids.shape[0] / decode_ms * 1e3, out
 
 

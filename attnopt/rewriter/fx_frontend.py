@@ -363,7 +363,11 @@ def _dropout(b: _Builder, node: fx.Node) -> None:
     else:
         p = b.arg(node, 1, "p", 0.5)
         train = b.arg(node, 2, "train", b.arg(node, 2, "training", True))
-    b.emit(node, "dropout", [node.args[0]], p=float(p), train=bool(train))
+    if isinstance(train, fx.Node) or (isinstance(p, fx.Node) and train):
+        b.emit(node, "opaque", list(node.all_input_nodes), name="dropout")
+        return
+    # Dynamo may pass p as a graph input; out of training its value does not matter
+    b.emit(node, "dropout", [node.args[0]], p=float(p) if train else 0.0, train=bool(train))
 
 
 @_converts("masked_fill")

@@ -10,7 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from attnopt.report import Report
+from attnopt.codegen.signature import KernelSignature
+from attnopt.report import GraphReport, Report
 from tests.forms import FORMS
 
 SAMPLE = [
@@ -136,3 +137,14 @@ def test_training_step_gradients_flow() -> None:
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     optimizer.step()
     assert fast(ids, labels=ids, use_cache=False).loss < loss
+
+
+def test_graph_kind_from_site_signatures() -> None:
+    def sig(n: int, m: int) -> KernelSignature:
+        return KernelSignature(head_dim=8, dtype="float32", n=n, m=m)
+
+    assert GraphReport.kind_of([sig(1, 40), sig(1, 40)]) == "decode"
+    assert GraphReport.kind_of([sig(1, 1), sig(1, 12)]) == "decode"  # first step, cross-attn
+    assert GraphReport.kind_of([sig(12, 12)]) == "prefill"
+    assert GraphReport.kind_of([sig(64, 128)]) == "prefill"  # a chunk of a long prompt
+    assert GraphReport.kind_of([]) == "other"

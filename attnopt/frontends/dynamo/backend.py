@@ -73,8 +73,14 @@ def rewrite_graph(
     """Detect and rewrite the attention sites of one Dynamo graph in place."""
     added = _with_vals(gm)
     try:
-        view = canonicalize(graph_view(gm, shapes_hold=True))
-        found = detect(view)
+        try:
+            view = canonicalize(graph_view(gm, shapes_hold=True))
+            found = detect(view)
+        except Exception as err:  # noqa: BLE001 - a graph we cannot read still runs, unchanged
+            report.notes.append(
+                f"graph {len(report.graphs)} left as it is: detection failed: {err}"
+            )
+            return report.add_graph("other", [], [])
         hints = _size_hints(gm)
         resolved = resolve(target)
         sites = []
