@@ -191,6 +191,9 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
+    # the timing makes more call patterns than generate() alone (positional prefill, a cropped
+    # cache, several prompt lengths): let Dynamo keep compiling them instead of falling back
+    torch._dynamo.config.recompile_limit = 64
     rows = run(args)
     title = (
         f"generate: {args.layers}-layer Llama (hidden {args.hidden}, {args.heads}q/"
