@@ -13,8 +13,9 @@ rewritten, the rest eager) and the same with Inductor for the rest (``attnopt+co
 Prefill: the median time of one forward pass over the ``n``-token prompt. Decode: ``--new``
 greedy single-token steps against that prompt's KV cache (the calls ``generate()`` makes);
 tokens/s = batch · new / their time. Ratios are against ``sdpa`` and ``eager`` measured in the
-same run; ``same tokens`` says whether ``generate()`` gave the eager model's tokens. An untimed
-call before each measurement absorbs compilation.
+same run, the variants timed in alternating turns (``--repeats`` of them, medians) so that load
+on the machine hits all alike; ``same tokens`` says whether ``generate()`` gave the eager model's
+tokens. Untimed calls first absorb compilation.
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ import inspect
 import json
 import statistics
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -67,17 +67,6 @@ def build(args: argparse.Namespace) -> LlamaForCausalLM:
     return LlamaForCausalLM(config).eval()
 
 
-def median_ms(fn: Callable, repeats: int) -> float:
-    """Median of ``repeats`` timed calls after one untimed call (which absorbs compilation)."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
-
-
 def make_variant(name: str, eager: torch.nn.Module, example: dict) -> torch.nn.Module:
     if name == "eager":
         return eager
@@ -93,60 +82,68 @@ def make_variant(name: str, eager: torch.nn.Module, example: dict) -> torch.nn.M
     return attnopt.optimize(eager, example, inner=inner)
 
 
-def measure(model: torch.nn.Module, ids: torch.Tensor, new: int, repeats: int) -> tuple:
-    """(prefill ms, decode tokens/s, generated tokens) for one model and prompt.
-
-    Decode is timed as ``new`` single-token forward passes against the prompt's KV cache, the
-    calls ``generate()`` makes, the cache cropped back to the prompt after each repeat."""
+def prepare(model: torch.nn.Module, ids: torch.Tensor, new: int) -> tuple:
+    """(prefill, decode, generated tokens): ``prefill()`` runs the prompt, ``decode()`` runs
+    ``new`` single-token steps against the prompt's KV cache (the calls ``generate()`` makes) and
+    returns their ms, the cache cropped back to the prompt after. Both are warmed up here."""
     greedy = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
-    with torch.no_grad():
-        out = model.generate(ids, max_new_tokens=new, min_new_tokens=new, **greedy)
-        prefill = median_ms(lambda: model(ids), repeats)
-        first = model(ids)
-        cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else None
-        cache_arg = cache_arg or "past_key_values"  # older transformers
+    tokens = model.generate(ids, max_new_tokens=new, min_new_tokens=new, **greedy)
+    first = model(ids)
+    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else None
+    cache_arg = cache_arg or "past_key_values"  # older transformers
+    cache, start = first[cache_arg], first.logits[:, -1:].argmax(-1)
 
-        cache, start = first[cache_arg], first.logits[:, -1:].argmax(-1)
+    def decode() -> float:
+        token, began = start, time.perf_counter()
+        for _ in range(new):
+            token = model(token, **{cache_arg: cache}).logits[:, -1:].argmax(-1)
+        elapsed = (time.perf_counter() - began) * 1e3
+        cache.crop(-new)  # back to the prompt: the same cache object every repeat
+        return elapsed
 
-        def decode() -> float:
-            token, began = start, time.perf_counter()
-            for _ in range(new):
-                token = model(token, **{cache_arg: cache}).logits[:, -1:].argmax(-1)
-            elapsed = (time.perf_counter() - began) * 1e3
-            cache.crop(-new)  # back to the prompt: the same cache object every repeat
-            return elapsed
+    def prefill() -> float:
+        began = time.perf_counter()
+        model(ids)
+        return (time.perf_counter() - began) * 1e3
 
-        decode_ms = statistics.median([decode() for _ in range(repeats + 1)][1:])  # 1st warms up
-    return prefill, new * ids.shape[0] / decode_ms * 1e3, out
+    prefill(), decode(), decode()  # compile every call pattern (a cropped cache is one)
+    return prefill, decode, tokens
 
 
 def run(args: argparse.Namespace) -> list[Row]:
+    """Variants are timed in alternating turns, so that load on the machine hits all alike."""
     torch.manual_seed(0)
     eager = build(args)
     prompts = {n: torch.randint(1, args.vocab, (args.batch, n)) for n in args.ctx}
-    example = {"input_ids": prompts[args.ctx[0]]}
     rows: dict[tuple[int, str], Row] = {}
-    tokens: dict[int, torch.Tensor] = {}
+    models = {}
     for variant in args.variants:
         try:
-            model = make_variant(variant, eager, example)
+            models[variant] = make_variant(variant, eager, {"input_ids": prompts[args.ctx[0]]})
         except Exception as error:  # a failing variant is a result, not a crash
             for n in args.ctx:
                 rows[n, variant] = Row(n, variant, note=f"{type(error).__name__}: {error}"[:100])
-            continue
+    with torch.no_grad():
         for n, ids in prompts.items():
-            row = rows[n, variant] = Row(n, variant)
-            try:
-                row.prefill_ms, row.decode_tok_s, out = measure(model, ids, args.new, args.repeats)
-            except Exception as error:
-                row.note = f"{type(error).__name__}: {error}"[:100]
-                continue
-            tokens.setdefault(n, out)
-            row.same_tokens = (
-                bool(torch.equal(out, tokens[n])) if "eager" in args.variants else None
-            )
-            print(f"n={n} {variant}: prefill {row.prefill_ms:.1f} ms, {row.decode_tok_s:.1f} tok/s")
-        torch.compiler.reset()
+            ready, tokens = {}, {}
+            for variant, model in models.items():
+                row = rows[n, variant] = Row(n, variant)
+                try:
+                    *ready[variant], tokens[variant] = prepare(model, ids, args.new)
+                except Exception as error:
+                    row.note = f"{type(error).__name__}: {error}"[:100]
+            times: dict[str, tuple[list, list]] = {v: ([], []) for v in ready}
+            for _ in range(args.repeats):
+                for variant, (prefill, decode) in ready.items():
+                    times[variant][0].append(prefill())
+                    times[variant][1].append(decode())
+            for variant, (prefill_ms, decode_ms) in times.items():
+                row = rows[n, variant]
+                row.prefill_ms = statistics.median(prefill_ms)
+                row.decode_tok_s = args.new * args.batch / statistics.median(decode_ms) * 1e3
+                if "eager" in tokens:
+                    row.same_tokens = bool(torch.equal(tokens[variant], tokens["eager"]))
+                print(f"n={n} {variant}: {row.prefill_ms:.1f} ms, {row.decode_tok_s:.1f} tok/s")
     for (n, _), row in rows.items():
         for base in ("sdpa", "eager"):
             ref = rows.get((n, base))
