@@ -13,6 +13,7 @@ from torch.utils import _pytree as pytree
 from attnopt.codegen.registry import Kernel, kernels_for, select_kernel
 from attnopt.codegen.signature import KernelSignature
 from attnopt.errors import AttnoptError, InputSignatureError, ShapeError
+from attnopt.frontends.dynamo.backend import INNER_BACKENDS
 from attnopt.frontends.dynamo.model import (
     buffer_versions,
     comparable,
@@ -153,6 +154,8 @@ def optimize(
 
     if capture not in CAPTURES:
         raise AttnoptError(f"capture={capture!r}; choose one of {', '.join(CAPTURES)}")
+    if inner not in INNER_BACKENDS:
+        raise AttnoptError(f"inner={inner!r}; choose one of {', '.join(INNER_BACKENDS)}")
     inputs = Inputs.of(example_inputs)
     resolved = resolve(target)
     check_signature(model, inputs)
@@ -162,7 +165,6 @@ def optimize(
     lap("reference")
     why = why_dynamo(model, inputs, reference, versions) if capture == "auto" else None
     if capture == "dynamo" or why is not None:
-        optimized = structural_copy(model, versions)
         report = Report(
             model=type(model).__name__,
             capture="dynamo",
@@ -170,6 +172,7 @@ def optimize(
             target=resolved.name,
             notes=[f"captured with Dynamo: {why or 'capture=dynamo'}"],
         )
+        optimized = structural_copy(model, versions)
         compile_model(optimized, report, inner, variants, resolved)
         with torch.no_grad():
             result = optimized(*inputs.args, **inputs.kwargs)

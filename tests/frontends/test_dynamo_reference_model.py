@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import attnopt
-from attnopt.errors import InputSignatureError
+from attnopt.codegen.registry import Kernel, register_kernel, unregister_kernel
+from attnopt.errors import AttnoptError, InputSignatureError
 
 DIM, HEADS, KV_HEADS, LAYERS, VOCAB, MAX_SEQ, MAX_BATCH = 32, 4, 2, 2, 64, 32, 2
 HEAD_DIM = DIM // HEADS
@@ -146,3 +147,25 @@ def test_tuple_of_past_keys_values(op_calls) -> None:
             (out, past), (ref, ref_past) = optimized(x, past), model(x, ref_past)
             torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     assert op_calls == [(5, 5), (1, 6), (1, 7), (1, 8)]
+
+
+def test_a_wrong_kernel_is_caught_and_the_original_ops_run() -> None:
+    model = PastTuple().eval()
+    prompt = torch.randn(2, 5, DIM)
+    zeros = lambda q, k, v, *args, **flags: (torch.zeros_like(q), None)  # noqa: E731
+    register_kernel(Kernel("exact", "cpu", "wrong", forward=zeros, priority=10**6))
+    try:
+        optimized = attnopt.optimize(model, (prompt,), capture="dynamo")
+        report = optimized.attnopt_report
+        assert [s.status for s in report.sites] == ["restored"], report.to_json()
+        with torch.no_grad():
+            torch.testing.assert_close(optimized(prompt)[0], model(prompt)[0])
+    finally:
+        unregister_kernel("exact", "cpu", "wrong")
+
+
+def test_bad_capture_or_inner_is_named() -> None:
+    with pytest.raises(AttnoptError, match="capture='trace'"):
+        attnopt.optimize(PastTuple(), (torch.randn(1, 2, DIM),), capture="trace")
+    with pytest.raises(AttnoptError, match="inner='tvm'"):
+        attnopt.optimize(PastTuple(), (torch.randn(1, 2, DIM),), inner="tvm")
