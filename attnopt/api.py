@@ -13,6 +13,15 @@ from torch.utils import _pytree as pytree
 from attnopt.codegen.registry import Kernel, kernels_for, select_kernel
 from attnopt.codegen.signature import KernelSignature
 from attnopt.errors import AttnoptError, InputSignatureError, ShapeError, UnsupportedModelError
+from attnopt.frontends.dynamo.backend import INNER_BACKENDS
+from attnopt.frontends.dynamo.model import (
+    buffer_versions,
+    comparable,
+    compile_model,
+    structural_copy,
+    uncompile,
+    why_dynamo,
+)
 from attnopt.passes.plan import plan
 from attnopt.report import NearMissReport, Report, SiteReport
 from attnopt.rewriter.canonicalize import canonicalize
@@ -23,6 +32,9 @@ from attnopt.rewriter.fx_rewrite import Splice, finish, splice
 from attnopt.rewriter.graph import GraphView
 from attnopt.targets import Target, resolve
 from attnopt.validate import compare_outputs, max_error, tolerance_for
+
+#: How ``optimize`` captures the model: ``auto`` picks export or Dynamo (see ``optimize``).
+CAPTURES = ("auto", "export", "dynamo")
 
 
 class OptimizedModule(nn.Module):
@@ -38,6 +50,14 @@ class OptimizedModule(nn.Module):
             return self.graph_module(*args, **kwargs)
         try:
             return self.graph_module(*args, **kwargs)
+        except ValueError as err:
+            if not str(err).startswith("Trying to flatten user inputs"):
+                raise
+            raise InputSignatureError(
+                "called with other arguments than the example's (the exported graph takes only "
+                "those); optimize with capture='dynamo' to serve calls with other argument sets, "
+                "such as a prefill without and decode steps with a cache"
+            ) from None
         except AssertionError as err:
             if not str(err).startswith("Guard failed"):
                 raise
@@ -130,6 +150,8 @@ def optimize(
     tune: bool = False,
     storage: str | None = None,
     trials: int = 40,
+    capture: str = "auto",
+    inner: str = "eager",
 ) -> nn.Module:
     """A module computing what ``model`` computes with its attention sites rewritten.
 
@@ -139,6 +161,12 @@ def optimize(
     database ``storage`` (an Optuna storage URL; default: a SQLite file in the user cache);
     ``tune=True`` first tunes them (``trials`` per signature). The result has
     ``.attnopt_report``.
+
+    ``capture="auto"`` exports the model when one exported graph can stand in for it, and goes
+    through Dynamo otherwise (models that generate, carry caches, take changing Python ints or
+    write buffers in place): the result is then the model's own class with its call compiled
+    by the ``attnopt`` backend, and the rest of each graph run by ``inner`` (``"eager"``,
+    ``"aot_eager"`` or ``"inductor"``). ``capture="export"`` or ``"dynamo"`` forces one.
     """
     start = time.perf_counter()
     timings: dict[str, float] = {}
@@ -147,12 +175,41 @@ def optimize(
         timings[phase] = time.perf_counter() - start - sum(timings.values())
 
     _check_model(model)
+    if capture not in CAPTURES:
+        raise AttnoptError(f"capture={capture!r}; choose one of {', '.join(CAPTURES)}")
+    if inner not in INNER_BACKENDS:
+        raise AttnoptError(f"inner={inner!r}; choose one of {', '.join(INNER_BACKENDS)}")
     inputs = Inputs.of(example_inputs)
     resolved = resolve(target)
     check_signature(model, inputs)
+    versions = buffer_versions(model)
     reference = _reference(model, inputs)
-    check_outputs(reference)
     lap("reference")
+    why = why_dynamo(model, inputs, reference, versions) if capture == "auto" else None
+    if capture == "dynamo" or why is not None:
+        report = Report(
+            model=type(model).__name__,
+            capture="dynamo",
+            dynamic=True,
+            target=resolved.name,
+            notes=[f"captured with Dynamo: {why or 'capture=dynamo'}"],
+        )
+        optimized = structural_copy(model, versions)
+        compile_model(optimized, report, inner, variants, resolved)
+        with torch.no_grad():
+            result = optimized(*inputs.args, **inputs.kwargs)
+        lap("capture+rewrite")
+        for site_report in report.rewritten:
+            sig = site_report.kernel_signature
+            _configure_kernel(site_report, sig, resolved, tune, storage, trials)
+        lap("tune" if tune else "configs")
+        _validate_model(optimized, report, comparable(result), comparable(reference), tolerance)
+        lap("validate")
+        timings["total"] = time.perf_counter() - start
+        report.seconds = timings
+        optimized.attnopt_report = report
+        return optimized
+    check_outputs(reference)
     captured, view, found = _detect(model, inputs)
     lap("capture+detect")
     report = _base_report(model, captured, found, resolved.name)
@@ -209,6 +266,23 @@ def optimize(
     timings["total"] = time.perf_counter() - start
     report.seconds = timings
     return optimized
+
+
+def _validate_model(
+    optimized: nn.Module, report: Report, result: Any, reference: Any, tolerance: float | None
+) -> None:
+    """Compare the Dynamo-compiled model's example output with the original's; if it is off,
+    run the original ops again and say so."""
+    report.output_error = compare_outputs(result, reference)
+    live = report.rewritten
+    model_tol = tolerance_for(_main_dtype(reference), tolerance) * max(1, len(live))
+    if live and report.output_error > model_tol:
+        uncompile(optimized)
+        for site_report in live:
+            site_report.status = "restored"
+            site_report.reason = (
+                f"model output error {report.output_error:.2e} above {model_tol:.0e}"
+            )
 
 
 def _configure_kernel(

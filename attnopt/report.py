@@ -26,12 +26,39 @@ class SiteReport:
     config: str | None = None
     reason: str | None = None
     kernel_signature: KernelSignature | None = None  # at the example's sizes, for tuning
+    graph: int | None = None  # index into Report.graphs when the front end hands several
 
 
 @dataclass
 class NearMissReport:
     location: str
     rule: str
+
+
+#: A graph whose sites all have at most this many queries, some reading more keys than queries
+#: (a cache), is a decode step.
+DECODE_MAX_QUERIES = 16
+
+
+@dataclass
+class GraphReport:
+    """One graph a front end handed over (Dynamo: a prefill, a decode step, a piece between graph
+    breaks, a recompile) and the sites rewritten in it."""
+
+    index: int
+    kind: str  # prefill | decode | other
+    sites: list[SiteReport] = field(default_factory=list)
+
+    @staticmethod
+    def kind_of(signatures: list[KernelSignature | None]) -> str:
+        """``decode``: few queries against a longer key range; ``prefill``: any other graph with
+        attention; ``other``: none (signatures are at the graph's example sizes)."""
+        known = [s for s in signatures if s is not None]
+        if not known:
+            return "other"
+        if max(s.n for s in known) <= DECODE_MAX_QUERIES and any(s.m > s.n for s in known):
+            return "decode"
+        return "prefill"
 
 
 @dataclass
@@ -47,6 +74,20 @@ class Report:
     output_error: float | None = None
     seconds: dict[str, float] = field(default_factory=dict)
     latency_ms: dict[str, float] = field(default_factory=dict)  # e.g. before/after a conversion
+    graphs: list[GraphReport] = field(default_factory=list)  # Dynamo: one per compiled graph
+
+    def add_graph(self, kind: str, sites: list[SiteReport], near_misses: list) -> GraphReport:
+        """Record one more captured graph; its sites join ``sites`` tagged with its index."""
+        graph = GraphReport(len(self.graphs), kind, sites)
+        for site in sites:
+            site.graph = graph.index
+        self.graphs.append(graph)
+        self.sites.extend(sites)
+        self.near_misses.extend(near_misses)
+        return graph
+
+    def graphs_of(self, kind: str) -> list[GraphReport]:
+        return [g for g in self.graphs if g.kind == kind]
 
     @property
     def rewritten(self) -> list[SiteReport]:
@@ -75,6 +116,10 @@ class Report:
         console.print(self.table())
         dims = ", ".join(f"{k}{v}" for k, v in self.dynamic_dims.items()) or "none"
         console.print(f"dynamic dims: {dims}")
+        for graph in self.graphs:
+            where = ", ".join(s.location for s in graph.sites) or "no attention"
+            done = sum(s.status == "rewritten" for s in graph.sites)
+            console.print(f"graph {graph.index} ({graph.kind}): {done} site(s) rewritten: {where}")
         for note in self.notes:
             console.print(f"note: {note}")
         if self.output_error is not None:

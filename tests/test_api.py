@@ -135,9 +135,16 @@ class DataDependent(nn.Module):
         return x
 
 
-def test_non_tensor_output_raises() -> None:
+def test_non_tensor_output_goes_through_dynamo_or_raises_under_export() -> None:
+    x = torch.randn(2, 3)
+    optimized = attnopt.optimize(ReturnsString(), (x,), inner="eager")
+    assert optimized.attnopt_report.capture == "dynamo"
+    assert "returns a str" in optimized.attnopt_report.notes[0]
+    got = optimized(x)
+    assert got[1] == "done"
+    torch.testing.assert_close(got[0], x * 2)
     with pytest.raises(UnsupportedOutputError, match="str"):
-        attnopt.optimize(ReturnsString(), (torch.randn(2, 3),))
+        attnopt.optimize(ReturnsString(), (x,), capture="export")
 
 
 def test_uncapturable_model_names_the_failure() -> None:

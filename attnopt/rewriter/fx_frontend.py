@@ -261,6 +261,18 @@ def _transpose(b: _Builder, node: fx.Node) -> None:
     b.emit(node, "transpose", [node.args[0]], perm=tuple(perm))
 
 
+@_converts("getattr")
+def _getattr(b: _Builder, node: fx.Node) -> None:
+    """Dynamo records tensor properties as ``getattr(x, "mT")``: the transposing ones count."""
+    rank = b.rank(node.args[0])
+    if node.args[1] != "mT" or rank is None or rank < 2:
+        b.emit(node, "opaque", list(node.all_input_nodes), name="getattr")
+        return
+    perm = list(range(rank))
+    perm[-2], perm[-1] = perm[-1], perm[-2]
+    b.emit(node, "transpose", [node.args[0]], perm=tuple(perm))
+
+
 @_converts("mul", "div", "true_divide", "mul_", "div_")
 def _mul(b: _Builder, node: fx.Node) -> None:
     """In-place ``mul_``/``div_`` (and ``add_``, ``masked_fill_``) read as their out-of-place
@@ -350,7 +362,11 @@ def _dropout(b: _Builder, node: fx.Node) -> None:
     else:
         p = b.arg(node, 1, "p", 0.5)
         train = b.arg(node, 2, "train", b.arg(node, 2, "training", True))
-    b.emit(node, "dropout", [node.args[0]], p=float(p), train=bool(train))
+    if isinstance(train, fx.Node) or (isinstance(p, fx.Node) and train):
+        b.emit(node, "opaque", list(node.all_input_nodes), name="dropout")
+        return
+    # Dynamo may pass p as a graph input; out of training its value does not matter
+    b.emit(node, "dropout", [node.args[0]], p=float(p) if train else 0.0, train=bool(train))
 
 
 @_converts("masked_fill", "masked_fill_")
