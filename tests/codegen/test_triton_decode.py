@@ -16,7 +16,7 @@ if not torch.cuda.is_available():  # read when triton is first imported, so befo
 import pytest
 
 from attnopt.codegen import ops, registry
-from attnopt.codegen.reference.exact import exact_attention
+from attnopt.codegen.reference.exact import exact_attention, key_range
 from attnopt.codegen.signature import KernelSignature
 from attnopt.codegen.triton import decode
 from attnopt.targets import TARGETS, resolve
@@ -84,7 +84,7 @@ def test_sliding_window_splits_only_the_band(device, dtype, window):
     """A causal window shorter than the cache: slices cover the window, not the whole cache."""
     _require(device)
     _check(device, dtype, 1, 4, 2, 3, 77, 16, "causal", _config(16, 4), window=window)
-    first, last = decode._key_range(3, 77, True, window)
+    first, last = key_range(3, 77, True, window)
     assert (first, last) == (max(0, 77 - 3 - window + 1), 77)
 
 

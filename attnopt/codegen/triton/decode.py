@@ -21,6 +21,7 @@ import triton.language as tl
 
 from attnopt.autotune.runtime import bucket
 from attnopt.autotune.space import Config, ConfigSpace
+from attnopt.codegen.reference.exact import key_range
 from attnopt.codegen.registry import Kernel, register_kernel
 from attnopt.codegen.signature import KernelSignature
 from attnopt.codegen.triton import exact
@@ -253,15 +254,6 @@ def supports(q, k, v, mask, causal: bool, window: int) -> str | None:
     return exact.supports(q, k, v, mask, causal, window)
 
 
-def _key_range(n_q: int, n_k: int, causal: bool, window: int) -> tuple[int, int]:
-    """The keys some query may see: the slices split only these (a window's, not the cache)."""
-    if window <= 0:
-        return 0, n_k
-    offset = n_k - n_q
-    hi = n_k if causal else min(n_k, offset + n_q - 1 + window)
-    return max(0, offset - window + 1), hi
-
-
 def forward(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -287,7 +279,7 @@ def forward(
         return out.zero_(), lse.fill_(float("-inf"))
     config = config or exact._config(FORWARD_SPACE, q, k, v, mask, causal, window)
     block_n, group = config["BLOCK_N"], heads // kv_heads
-    first, last = _key_range(n_q, n_k, causal, window)
+    first, last = key_range(n_q, n_k, causal, window)
     first = first // block_n * block_n
     split_keys = triton.cdiv(triton.cdiv(max(1, last - first), config["splits"]), block_n)
     split_keys *= block_n
