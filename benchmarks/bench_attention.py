@@ -3,6 +3,13 @@
     python benchmarks/bench_attention.py                       # cuda: triton, bf16 shape grid
     python benchmarks/bench_attention.py --device cpu --backend tvm
     python benchmarks/bench_attention.py --device cpu --backend reference --n 128 --d 64
+    python benchmarks/bench_attention.py --decode --device cpu --threads 1   # decode grid
+
+``--decode`` times 1 to 16 queries (``--queries``) against a cache (``--cache`` lengths): the
+decode kernel (``tvm_decode`` on CPU, ``triton_decode`` on CUDA, even where the dispatch would
+pick another, which the note then says), ``attnopt`` (the ``attnopt::attention`` op with its
+dispatch; the note names the kernel it picked) and SDPA (bottom-right causal as a bool mask
+when n > 1). ``--rounds 3`` takes the best of three turns per impl on a shared machine.
 
 For each shape (batch, heads, n, head_dim, causal, kv_heads) one process times the kernel that
 ``--backend`` names in the registry for the device, ``F.scaled_dot_product_attention`` (its default
@@ -25,7 +32,9 @@ from rich.console import Console
 from rich.table import Table
 
 from attnopt.codegen import ops  # noqa: F401  (registers the reference and compiled kernels)
-from attnopt.codegen.registry import Kernel, kernels_for
+from attnopt.codegen.reference.exact import structural_keep
+from attnopt.codegen.registry import Kernel, kernels_for, select_kernel
+from attnopt.errors import KernelError
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 TOKENS = 16384  # batch × n held fixed on CUDA, as FlashAttention's benchmarks do
@@ -40,12 +49,17 @@ class Shape:
     head_dim: int
     causal: bool
     kv_heads: int
+    m: int | None = None  # keys (the cache when decoding); None: n
+
+    @property
+    def keys(self) -> int:
+        return self.m or self.n
 
     @property
     def flops(self) -> int:
-        """Forward FLOPs: two matmuls of 2·n·m·d each per head; causal computes half."""
-        full = 4 * self.batch * self.heads * self.n * self.n * self.head_dim
-        return full // 2 if self.causal else full
+        """Forward FLOPs: two matmuls of 2·n·m·d each per head; causal computes half (n = m)."""
+        full = 4 * self.batch * self.heads * self.n * self.keys * self.head_dim
+        return full // 2 if self.causal and self.m is None else full
 
 
 @dataclass
@@ -63,6 +77,7 @@ class Row:
     vs_sdpa: float | None  # SDPA time / this time: above 1 is faster than SDPA
     rel_err: float | None  # relative RMS error against SDPA's output
     note: str = ""
+    m: int | None = None
 
 
 def default_shapes(device: str, ns: list[int] | None, ds: list[int] | None, causal) -> list[Shape]:
@@ -80,6 +95,21 @@ def default_shapes(device: str, ns: list[int] | None, ds: list[int] | None, caus
     gqa_n = 4096 if gpu else ns[-1]
     shapes.append(Shape(1, 32 if gpu else 8, gqa_n, 128, True, 8 if gpu else 2))  # Llama-style
     return shapes
+
+
+def decode_shapes(device: str, caches: list[int] | None, queries: list[int], ds) -> list[Shape]:
+    """Decode calls: the issue's GPU goal (batch 1, GQA 8:1, 4k-32k) on CUDA; on CPU batch 1-4,
+    8-32 heads on 1-8 kv heads, caches 512-8k."""
+    gpu = device == "cuda"
+    caches = caches or ([4096, 8192, 16384, 32768] if gpu else [512, 2048, 8192])
+    heads = [(1, 32, 4), (4, 32, 4)] if gpu else [(1, 32, 8), (4, 8, 8), (1, 16, 1)]
+    return [
+        Shape(batch, h, n, d, True, kv, m)
+        for d in ds or ([128] if gpu else [64, 128])
+        for batch, h, kv in heads
+        for n in queries
+        for m in caches
+    ]
 
 
 def find_kernel(name: str | None, device: str) -> Kernel:
@@ -131,19 +161,33 @@ def rel_rms(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return (diff / expected.float().norm().clamp_min(1e-12)).item()
 
 
-def bench_shape(shape: Shape, kernel: Kernel, dtype, device: str, measure) -> list[Row]:
-    """Rows for the kernel, SDPA and eager on one shape; failures become notes, not crashes."""
+def bench_shape(
+    shape: Shape, kernel: Kernel, dtype, device: str, measure, decode: bool = False, rounds: int = 1
+) -> list[Row]:
+    """Rows for the kernel, SDPA and eager on one shape; failures become notes, not crashes.
+    ``decode``: the kernel is timed even where the dispatch declines it, and the op is added.
+    Each impl's time is the best of ``rounds`` medians, taken in turns."""
     gen = torch.Generator(device=device).manual_seed(0)
     q = torch.randn(shape.batch, shape.heads, shape.n, shape.head_dim, generator=gen, device=device)
-    kv_shape = (shape.batch, shape.kv_heads, shape.n, shape.head_dim)
+    kv_shape = (shape.batch, shape.kv_heads, shape.keys, shape.head_dim)
     k, v = (torch.randn(kv_shape, generator=gen, device=device) for _ in range(2))
     q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     scale = shape.head_dim**-0.5
     gqa = shape.kv_heads != shape.heads
+    group = shape.heads // shape.kv_heads
+    causal_mask = None  # SDPA's is_causal is top-left: bottom-right with n < m needs a mask
+    if shape.causal and 1 < shape.n != shape.keys:
+        causal_mask = structural_keep(shape.n, shape.keys, True, 0, q.device)
 
     def sdpa():
         return F.scaled_dot_product_attention(
-            q, k, v, is_causal=shape.causal, scale=scale, enable_gqa=gqa
+            q,
+            k,
+            v,
+            attn_mask=causal_mask,
+            is_causal=shape.causal and shape.n == shape.keys,
+            scale=scale,
+            enable_gqa=gqa,
         )
 
     impls = {
@@ -151,26 +195,42 @@ def bench_shape(shape: Shape, kernel: Kernel, dtype, device: str, measure) -> li
         "sdpa": sdpa,
         "eager": lambda: eager(q, k, v, shape.causal, scale),
     }
+    if decode:  # eager repeats K/V per query head: far behind, and slow to time at 8k
+        del impls["eager"]
+        op = torch.ops.attnopt.attention
+        impls["attnopt"] = lambda: op(q, k, v, None, scale, shape.causal, 0, float("-inf"), group)
     reason = kernel.supports(q, k, v, None, shape.causal, 0) if kernel.supports else None
     expected = sdpa()
     timed: dict[str, tuple[float | None, float | None, str]] = {}
     for name, fn in impls.items():
-        if name == kernel.name and reason is not None:
+        if name == kernel.name and reason is not None and not decode:
             timed[name] = (None, None, reason)
             continue
+        note = f"dispatch declines: {reason}" if name == kernel.name and reason else ""
+        if name == "attnopt":
+            note = select_kernel("exact", q, k, v, None, shape.causal, 0).name
         try:
-            err = rel_rms(fn(), expected)
-            timed[name] = (measure(fn), err, "")
+            timed[name] = (None, rel_rms(fn(), expected), note)
         except torch.OutOfMemoryError:
             timed[name] = (None, None, "out of memory")
+        except KernelError as error:
+            timed[name] = (None, None, str(error))
         if device == "cuda":
             torch.cuda.empty_cache()
+    # alternating rounds, best of each: load from other processes hits every impl alike
+    runnable = [name for name, (_, err, _) in timed.items() if err is not None]
+    best: dict[str, float] = {}
+    for _ in range(rounds):
+        for name in runnable:
+            best[name] = min(best.get(name, float("inf")), measure(impls[name]))
+    timed = {name: (best.get(name), err, note) for name, (_, err, note) in timed.items()}
     sdpa_ms = timed["sdpa"][0]
     rows = []
     for name, (ms, err, note) in timed.items():
         tflops = shape.flops / (ms * 1e-3) / 1e12 if ms else None
         ratio = sdpa_ms / ms if ms and sdpa_ms else None
-        fields = asdict(shape)
+        fields = {f: getattr(shape, f) for f in ("batch", "heads", "n", "head_dim")}
+        fields |= dict(causal=shape.causal, kv_heads=shape.kv_heads, m=shape.keys)
         rows.append(
             Row(
                 **fields,
@@ -192,15 +252,19 @@ def _fmt(value: float | None, spec: str) -> str:
 
 def show(rows: list[Row], title: str) -> None:
     table = Table(title=title)
-    for column in ("b", "h", "kv", "n", "d", "causal", "impl", "ms", "TFLOP/s", "×SDPA", "err"):
-        table.add_column(column, justify="left" if column in ("impl", "causal") else "right")
+    columns = ("b", "h", "kv", "n", "m", "d", "causal", "impl", "ms", "TFLOP/s", "×SDPA", "err")
+    for column in (*columns, "note"):
+        table.add_column(
+            column, justify="left" if column in ("impl", "causal", "note") else "right"
+        )
     for r in rows:
         table.add_row(
-            *map(str, (r.batch, r.heads, r.kv_heads, r.n, r.head_dim, r.causal, r.impl)),
-            _fmt(r.ms, ".3f") if r.ms is not None else r.note,
+            *map(str, (r.batch, r.heads, r.kv_heads, r.n, r.m, r.head_dim, r.causal, r.impl)),
+            _fmt(r.ms, ".3f"),
             _fmt(r.tflops, ".2f"),
             _fmt(r.vs_sdpa, ".2f"),
             _fmt(r.rel_err, ".1e"),
+            r.note,
         )
     Console(width=max(Console().width, 120)).print(table)  # no truncated columns in logs
 
@@ -237,6 +301,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--backend", default=None, help="registered kernel name (default: best)")
     parser.add_argument("--dtype", choices=list(DTYPES), default=None)
     parser.add_argument("--n", type=int, nargs="+", default=None, help="sequence lengths")
+    parser.add_argument("--decode", action="store_true", help="decode calls against a cache")
+    parser.add_argument("--queries", type=int, nargs="+", default=[1], help="decode queries")
+    parser.add_argument("--cache", type=int, nargs="+", default=None, help="decode cache lengths")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (torch and TVM)")
+    parser.add_argument("--rounds", type=int, default=1, help="timings per impl, in turns; best")
     parser.add_argument("--d", type=int, nargs="+", default=None, help="head dims")
     causal = parser.add_mutually_exclusive_group()
     causal.add_argument("--causal", dest="causal", action="store_true", default=None)
@@ -252,15 +321,24 @@ def main() -> None:
     args = parse_args()
     if args.plot and importlib.util.find_spec("matplotlib") is None:
         sys.exit("--plot needs matplotlib, which is not installed: pip install matplotlib")
+    if args.threads:  # before TVM's pool starts: it follows torch's setting
+        torch.set_num_threads(args.threads)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = DTYPES[args.dtype or ("bf16" if device == "cuda" else "fp32")]
-    kernel = find_kernel(args.backend, device)
+    decode_name = {"cpu": "tvm_decode", "cuda": "triton_decode"}[device]
+    kernel = find_kernel(args.backend or (decode_name if args.decode else None), device)
     measure = timer(device, args.warmup, args.rep)
+    if args.decode:
+        shapes = decode_shapes(device, args.cache, args.queries, args.d)
+    else:
+        shapes = default_shapes(device, args.n, args.d, args.causal)
     rows: list[Row] = []
-    for shape in default_shapes(device, args.n, args.d, args.causal):
-        rows += bench_shape(shape, kernel, dtype, device, measure)
+    for shape in shapes:
+        rows += bench_shape(shape, kernel, dtype, device, measure, args.decode, args.rounds)
     name = torch.cuda.get_device_name() if device == "cuda" else "CPU"
-    show(rows, f"exact attention on {name}, {str(dtype)[6:]}, kernel {kernel.name!r}")
+    threads = f", {torch.get_num_threads()} threads" if device == "cpu" else ""
+    what = "decode attention" if args.decode else "exact attention"
+    show(rows, f"{what} on {name}{threads}, {str(dtype)[6:]}, kernel {kernel.name!r}")
     if args.json:
         args.json.write_text(json.dumps([asdict(r) for r in rows], indent=2))
     if args.plot:

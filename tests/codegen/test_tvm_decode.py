@@ -131,15 +131,15 @@ def test_refuses_inputs_outside_the_contract():
 
 def test_attention_op_dispatches_decode_calls():
     """``attnopt::attention`` on CPU: this kernel for decode calls SDPA cannot express (bottom-
-    right causal with n > 1, windows) at any size and for long caches; SDPA for short caches
-    it can run; the exact kernels for long query blocks."""
-    short = inputs(1, 8, 2, 1, decode.MIN_KEYS_VS_SDPA // 2, 64)
+    right causal with n > 1, windows) at any size and for large calls; SDPA for small calls it
+    can run; the exact kernels for long query blocks."""
+    short = inputs(1, 8, 2, 1, decode.MIN_SCORES_VS_SDPA // 8 - 1, 64)
     assert registry.select_kernel("exact", *short, None, True, 0).name == "sdpa"
     assert sdpa.supports(*short, None, True, 4) is not None
     assert registry.select_kernel("exact", *short, None, True, 4).name == "tvm_decode"
     speculative = inputs(1, 8, 2, 4, 64, 64)
     assert registry.select_kernel("exact", *speculative, None, True, 0).name == "tvm_decode"
-    q, k, v = inputs(1, 8, 2, 1, decode.MIN_KEYS_VS_SDPA + 37, 64)
+    q, k, v = inputs(1, 8, 2, 1, decode.MIN_SCORES_VS_SDPA // 8 + 37, 64)
     assert registry.select_kernel("exact", q, k, v, None, True, 0).name == "tvm_decode"
     prefill = inputs(1, 8, 2, decode.MAX_QUERIES + 1, 64, 64)
     assert registry.select_kernel("exact", *prefill, None, True, 0).name != "tvm_decode"

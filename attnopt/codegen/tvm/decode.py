@@ -329,11 +329,14 @@ FORWARD_SPACE = ConfigSpace("tvm.decode.cpu", PARAMS, _keep, _default)
 
 # ----------------------------------------------------------------------------- dispatch
 
-# Where the benchmark (``benchmarks/bench_attention.py --decode``) found this kernel ahead of
-# torch's SDPA on the calls SDPA can run: at least this many keys. Calls SDPA cannot express
-# (bottom-right causal with n > 1, windows, bool masks) would otherwise run the reference, which
-# this kernel beats at every size, so they come here whatever their size.
-MIN_KEYS_VS_SDPA = 512
+# Where the benchmark (``benchmarks/bench_attention.py --decode --rounds 3``, fp32, 1 and 2
+# threads) found this kernel, called through the op, ahead of torch's SDPA on the calls SDPA can
+# run: from 2^16 scores (batch × heads × n × m; 32 heads × 2k keys: 1.2-1.3× at d 64/128, MQA
+# 16 heads × 8k: 4×). Below, its fixed ~0.1 ms of dispatch and pool handoff lose to SDPA on small
+# calls (16 heads × 512 keys, d 64: 0.4×). Calls SDPA cannot express (bottom-right causal with
+# n > 1, windows, bool masks) would otherwise run the reference, which this kernel beats at every
+# size measured (4 queries × 16 keys: 0.03 ms against 0.08), so they come here at any size.
+MIN_SCORES_VS_SDPA = 1 << 16
 
 
 def _sdpa_declines(q, k, v, mask, causal: bool, window: int) -> bool:
@@ -360,8 +363,9 @@ def supports(q, k, v, mask, causal: bool, window: int) -> str | None:
     bad = _keep(config, target, sig)
     if bad is not None:
         return f"the {source} config {config} cannot run: {bad}"
-    if k.shape[2] < MIN_KEYS_VS_SDPA and not _sdpa_declines(q, k, v, mask, causal, window):
-        return f"{k.shape[2]} keys: below {MIN_KEYS_VS_SDPA} torch's SDPA is faster"
+    scores = q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2]
+    if scores < MIN_SCORES_VS_SDPA and not _sdpa_declines(q, k, v, mask, causal, window):
+        return f"{scores} scores: below {MIN_SCORES_VS_SDPA} torch's SDPA is faster"
     return None
 
 
