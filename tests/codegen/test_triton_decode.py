@@ -150,3 +150,10 @@ def test_op_dispatches_decode_calls_to_the_split_kernel(monkeypatch):
     ref, _ = exact_attention(q.float(), k.float(), v.float(), scale=128**-0.5, causal=True)
     assert calls == [1]
     assert_close("out", out, ref, TOLERANCE[torch.float16])
+
+
+def test_tunable_by_module_path():
+    from attnopt.autotune import kernels
+
+    (forward,) = kernels.passes("attnopt.codegen.triton.decode")
+    assert forward.space is decode.FORWARD_SPACE and forward.launch is decode.forward

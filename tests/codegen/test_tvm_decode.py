@@ -159,3 +159,16 @@ def test_attention_op_dispatches_decode_calls():
     with ops.use_kernel("reference"):
         expected = torch.ops.attnopt.attention(q, k, v, None, 0.125, True, 0, float("-inf"), 4)
     assert rel_rms(out, expected) <= 1e-5
+
+
+def test_tunable_by_module_path():
+    """The tuner finds the declared space and times configs of it (``splits`` included)."""
+    from attnopt.autotune import kernels
+
+    (forward,) = kernels.passes("attnopt.codegen.tvm.decode")
+    assert forward.space is decode.FORWARD_SPACE
+    sig = KernelSignature(16, "float32", "causal", kv_group=2, n=1, m=100, heads=4)
+    launch = kernels.runner(forward, sig, detect_cpu())
+    for splits in (1, 4):
+        out, lse = launch(_config(splits))()
+        assert out.shape == (1, 4, 1, 16) and torch.isfinite(lse).all()
