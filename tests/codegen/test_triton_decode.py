@@ -157,3 +157,19 @@ def test_tunable_by_module_path():
 
     (forward,) = kernels.passes("attnopt.codegen.triton.decode")
     assert forward.space is decode.FORWARD_SPACE and forward.launch is decode.forward
+
+
+@pytest.mark.parametrize(("device", "dtype"), FP32_TARGETS)
+def test_strided_views_of_a_static_cache(device, dtype):
+    """HF layouts: q and the cache as (B, S, H, D) transposed, the cache a prefix of a longer
+    preallocated buffer, read in place."""
+    _require(device)
+    b, h, kv, n, m, d = 2, 6, 2, 3, 45, 16
+    gen = torch.Generator().manual_seed(7)
+    q = torch.randn(b, n, h, d, generator=gen).to(device).transpose(1, 2)
+    k_buf, v_buf = (torch.randn(b, 64, kv, d, generator=gen).to(device) for _ in range(2))
+    k, v = k_buf[:, :m].transpose(1, 2), v_buf[:, :m].transpose(1, 2)
+    out, lse = decode.forward(q, k, v, scale=0.25, causal=True, config=_config(16, 3))
+    ref_out, ref_lse = exact_attention(q, k, v, scale=0.25, causal=True)
+    assert_close("out", out, ref_out, TOLERANCE[dtype])
+    assert_close("lse", lse, ref_lse, TOLERANCE[dtype])

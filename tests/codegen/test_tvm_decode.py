@@ -172,3 +172,15 @@ def test_tunable_by_module_path():
     for splits in (1, 4):
         out, lse = launch(_config(splits))()
         assert out.shape == (1, 4, 1, 16) and torch.isfinite(lse).all()
+
+
+def test_strided_views_of_a_static_cache():
+    """HF layouts: q and the cache as (B, S, H, D) transposed, the cache a prefix of a longer
+    preallocated buffer; read in place, as the reference reads them."""
+    b, h, kv, n, m, d = 2, 6, 2, 3, 45, 16
+    gen = torch.Generator().manual_seed(7)
+    q = torch.randn(b, n, h, d, generator=gen).transpose(1, 2)
+    k_buf, v_buf = (torch.randn(b, 64, kv, d, generator=gen) for _ in range(2))
+    k, v = k_buf[:, :m].transpose(1, 2), v_buf[:, :m].transpose(1, 2)
+    assert not k.is_contiguous()
+    check(q, k, v, causal=True, config=_config(3))
