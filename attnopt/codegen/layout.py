@@ -36,7 +36,11 @@ def leading_shape(q_shape, k_shape, kv_group: int) -> list:
     lk = _pad_left(k_shape[:-2], rank)
     if kv_group > 1:
         lk[-1] = lk[-1] * kv_group
-    return list(torch.broadcast_shapes(tuple(lq), tuple(lk)))
+    if all(type(dim) is int for dim in (*lq, *lk)) and all(
+        a == b or 1 in (a, b) for a, b in zip(lq, lk, strict=True)
+    ):  # eager calls (every decode step): torch.broadcast_shapes costs ~25 µs there
+        return [b if a == 1 else a for a, b in zip(lq, lk, strict=True)]
+    return list(torch.broadcast_shapes(tuple(lq), tuple(lk)))  # symbolic shapes, and errors
 
 
 def to_heads(q, k, v, mask, kv_group: int) -> HeadsLayout:
