@@ -67,6 +67,7 @@ CASES = {
     "n3-m40-boolean": (1, 4, 2, 3, 40, 16, "boolean", (16, 4)),
     "n1-m41-padding": (2, 2, 1, 1, 41, 16, "padding", (16, 2)),
     "n3-m20-empty-rows": (1, 2, 1, 3, 20, 16, "empty_rows", (16, 2)),
+    "n16-m9-causal-rows-before-the-cache": (1, 4, 2, 16, 9, 16, "causal", (16, 1)),
 }
 
 

@@ -45,8 +45,9 @@ def check(q, k, v, mask=None, *, causal=False, window=0, config=None):
     assert lse_err <= 1e-5 * max(1.0, ref_lse[finite].abs().max().item()), f"lse error {lse_err}"
 
 
-# (b, h, kv, n, m, slices): odd caches, n in {1, 3, 16}, GQA 1, 2, 4, 8 and MQA; slices from one
-# to more than the keys fill (row blocks of 4 rows: GQA groups span several, padding included)
+# (b, h, kv, n, m, slices): odd caches, n in {1, 3, 16} (and n > m), GQA 1, 2, 4, 8 and MQA;
+# slices from one to more than the keys fill (row blocks of 4 rows: GQA groups span several,
+# padding rows included)
 SHAPES = [
     (1, 2, 2, 1, 1, 1),
     (2, 4, 2, 1, 37, 2),
@@ -55,6 +56,7 @@ SHAPES = [
     (2, 8, 1, 3, 200, 3),
     (1, 16, 2, 16, 83, 2),
     (1, 2, 2, 16, 33, 32),
+    (1, 4, 2, 16, 9, 2),  # more queries than keys: causal rows before the cache see nothing
 ]
 KINDS = ["none", "causal", "window", "band", "additive", "boolean", "padding", "empty_rows"]
 
