@@ -55,15 +55,19 @@ def to_heads(q, k, v, mask, kv_group: int) -> HeadsLayout:
         lead_q = [batch, heads]
         k_heads = _pad_left(k.shape[:-2], len(lead))[-1]
         lead_k = [batch, k_heads]
-    q4 = q.expand(*lead, *q.shape[-2:]).reshape(*lead_q, *q.shape[-2:])
     k_lead = [*lead[:-1], lead_k[1]] if lead else []
-    k4 = k.expand(*k_lead, *k.shape[-2:]).reshape(*lead_k, *k.shape[-2:])
-    v4 = v.expand(*k_lead, *v.shape[-2:]).reshape(*lead_k, *v.shape[-2:])
+    q4, k4, v4 = (
+        # already (B, H, ...): no expand/reshape (two dispatcher calls each, every decode step)
+        t
+        if list(t.shape[:-2]) == fold
+        else t.expand(*full, *t.shape[-2:]).reshape(*fold, *t.shape[-2:])
+        for t, full, fold in ((q, lead, lead_q), (k, k_lead, lead_k), (v, k_lead, lead_k))
+    )
     mask4 = None
     if mask is not None:
         scores_shape = (*lead, q.shape[-2], k.shape[-2])
         if len(lead) == 2:
-            mask4 = mask.expand(scores_shape)
+            mask4 = mask if mask.shape == scores_shape else mask.expand(scores_shape)
         else:
             mask4 = mask.expand(scores_shape).reshape(*lead_q, *scores_shape[-2:])
     return HeadsLayout(q4, k4, v4, mask4, out_shape)

@@ -357,15 +357,15 @@ def supports(q, k, v, mask, causal: bool, window: int) -> str | None:
         return reason
     if q.shape[2] > MAX_QUERIES:
         return f"{q.shape[2]} queries: the decode kernel serves at most {MAX_QUERIES}"
+    scores = q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2]
+    if scores < MIN_SCORES_VS_SDPA and not _sdpa_declines(q, k, v, mask, causal, window):
+        return f"{scores} scores: below {MIN_SCORES_VS_SDPA} torch's SDPA is faster"
     target = exact._target("cpu", None)
     sig = exact._signature(q, k, v, mask, causal, window)
     config, source = config_for(FORWARD_SPACE, target, sig)
     bad = _keep(config, target, sig)
     if bad is not None:
         return f"the {source} config {config} cannot run: {bad}"
-    scores = q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2]
-    if scores < MIN_SCORES_VS_SDPA and not _sdpa_declines(q, k, v, mask, causal, window):
-        return f"{scores} scores: below {MIN_SCORES_VS_SDPA} torch's SDPA is faster"
     return None
 
 
