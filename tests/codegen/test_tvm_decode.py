@@ -167,7 +167,7 @@ def test_tunable_by_module_path():
     """The tuner finds the declared space and times configs of it (``splits`` included)."""
     from attnopt.autotune import kernels
 
-    (forward,) = kernels.passes("attnopt.codegen.tvm.decode")
+    (forward,) = kernels.passes("tvm_decode")  # its registered name
     assert forward.space is decode.FORWARD_SPACE
     sig = KernelSignature(16, "float32", "causal", kv_group=2, n=1, m=100, heads=4)
     launch = kernels.runner(forward, sig, detect_cpu())
@@ -186,3 +186,32 @@ def test_strided_views_of_a_static_cache():
     k, v = k_buf[:, :m].transpose(1, 2), v_buf[:, :m].transpose(1, 2)
     assert not k.is_contiguous()
     check(q, k, v, causal=True, config=_config(3))
+
+
+def test_optimize_runs_and_reports_the_decode_kernel():
+    """A site whose example is a decode call: the report names this kernel and its config, and
+    the optimized model runs it."""
+    import attnopt
+
+    class Decode(torch.nn.Module):
+        def forward(self, q, k, v):
+            return torch.softmax(q @ k.transpose(-1, -2) * 0.125, dim=-1) @ v
+
+    q, k, v = inputs(1, 8, 8, 1, decode.MIN_SCORES_VS_SDPA // 8 + 5, 64)
+    optimized = attnopt.optimize(Decode(), (q, k, v))
+    (site,) = optimized.attnopt_report.rewritten
+    assert site.kernel.endswith("tvm_decode") and "tvm.decode.cpu" in site.config
+    calls = []
+    kernel = registry.kernels_for("exact", "cpu")[0]
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return decode.forward(*args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(
+            registry._KERNELS[("exact", "cpu")], "tvm_decode", replace(kernel, forward=counted)
+        )
+        out = optimized(q, k, v)
+    assert calls == [1]
+    assert rel_rms(out, exact_attention(q, k, v, scale=0.125)[0]) <= 1e-5
