@@ -15,6 +15,8 @@ mapping and the merge are new. The backward is the exact kernel's: it needs only
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -228,6 +230,15 @@ def _keep(config: Config, target: Target, sig: KernelSignature) -> str | None:
 def _default(target: Target, sig: KernelSignature) -> Config:
     """64-key tiles, and as many slices as fill ``WAVES`` programs per SM without making a
     slice shorter than ``MIN_SLICE_TILES`` tiles."""
+    return dict(_default_items(target, sig))
+
+
+@functools.lru_cache(maxsize=1024)  # every decode step asks: keep it a dict lookup
+def _default_items(target: Target, sig: KernelSignature) -> tuple:
+    return tuple(_pick_default(target, sig).items())
+
+
+def _pick_default(target: Target, sig: KernelSignature) -> Config:
     if not target.is_gpu:
         return dict(INTERPRETER_CONFIG)
     rows = sig.heads // max(1, sig.kv_group) * -(-sig.kv_group * sig.n // MAX_ROWS)
