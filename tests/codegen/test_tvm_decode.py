@@ -135,13 +135,16 @@ def test_attention_op_dispatches_decode_calls():
     """``attnopt::attention`` on CPU: this kernel for decode calls SDPA cannot express (bottom-
     right causal with n > 1, windows) at any size and for large calls; SDPA for small calls it
     can run; the exact kernels for long query blocks."""
-    short = inputs(1, 8, 2, 1, decode.MIN_SCORES_VS_SDPA // 8 - 1, 64)
+    least = decode.MIN_SCORES_VS_SDPA
+    short = inputs(1, 8, 2, 1, least["shared_kv"] // 8 - 1, 64)
     assert registry.select_kernel("exact", *short, None, True, 0).name == "sdpa"
     assert sdpa.supports(*short, None, True, 4) is not None
     assert registry.select_kernel("exact", *short, None, True, 4).name == "tvm_decode"
     speculative = inputs(1, 8, 2, 4, 64, 64)
     assert registry.select_kernel("exact", *speculative, None, True, 0).name == "tvm_decode"
-    q, k, v = inputs(1, 8, 2, 1, decode.MIN_SCORES_VS_SDPA // 8 + 37, 64)
+    per_head = inputs(1, 8, 8, 1, least["kv_per_head"] // 8 - 1, 64)  # MHA: memory-bound parity
+    assert registry.select_kernel("exact", *per_head, None, True, 0).name == "sdpa"
+    q, k, v = inputs(1, 8, 2, 1, least["shared_kv"] // 8 + 37, 64)
     assert registry.select_kernel("exact", q, k, v, None, True, 0).name == "tvm_decode"
     prefill = inputs(1, 8, 2, decode.MAX_QUERIES + 1, 64, 64)
     assert registry.select_kernel("exact", *prefill, None, True, 0).name != "tvm_decode"
@@ -197,10 +200,7 @@ def test_optimize_runs_and_reports_the_decode_kernel():
         def forward(self, q, k, v):
             return torch.softmax(q @ k.transpose(-1, -2) * 0.125, dim=-1) @ v
 
-    q, k, v = inputs(1, 8, 8, 1, decode.MIN_SCORES_VS_SDPA // 8 + 5, 64)
-    optimized = attnopt.optimize(Decode(), (q, k, v))
-    (site,) = optimized.attnopt_report.rewritten
-    assert site.kernel.endswith("tvm_decode") and "tvm.decode.cpu" in site.config
+    q, k, v = inputs(1, 8, 8, 1, 300, 64)
     calls = []
     kernel = registry.kernels_for("exact", "cpu")[0]
 
@@ -208,7 +208,11 @@ def test_optimize_runs_and_reports_the_decode_kernel():
         calls.append(1)
         return decode.forward(*args, **kwargs)
 
-    with pytest.MonkeyPatch.context() as patch:
+    with pytest.MonkeyPatch.context() as patch:  # this call, not the threshold, is under test
+        patch.setitem(decode.MIN_SCORES_VS_SDPA, "kv_per_head", 1)
+        optimized = attnopt.optimize(Decode(), (q, k, v))
+        (site,) = optimized.attnopt_report.rewritten
+        assert site.kernel.endswith("tvm_decode") and "tvm.decode.cpu" in site.config
         patch.setitem(
             registry._KERNELS[("exact", "cpu")], "tvm_decode", replace(kernel, forward=counted)
         )

@@ -330,13 +330,15 @@ FORWARD_SPACE = ConfigSpace("tvm.decode.cpu", PARAMS, _keep, _default)
 # ----------------------------------------------------------------------------- dispatch
 
 # Where the benchmark (``benchmarks/bench_attention.py --decode --rounds 3``, fp32, 1 and 2
-# threads) found this kernel, called through the op, ahead of torch's SDPA on the calls SDPA can
-# run: from 2^16 scores (batch × heads × n × m; 32 heads × 2k keys: 1.2-1.3× at d 64/128, MQA
-# 16 heads × 8k: 4×). Below, its fixed ~0.1 ms of dispatch and pool handoff lose to SDPA on small
-# calls (16 heads × 512 keys, d 64: 0.4×). Calls SDPA cannot express (bottom-right causal with
-# n > 1, windows, bool masks) would otherwise run the reference, which this kernel beats at every
-# size measured (4 queries × 16 keys: 0.03 ms against 0.08), so they come here at any size.
-MIN_SCORES_VS_SDPA = 1 << 16
+# threads) found this kernel ahead of torch's SDPA on the calls SDPA can run, in scores
+# (batch × heads × n × m). Query heads sharing a kv head (GQA, MQA): K/V are read once per kv
+# head, not per query head; it led at every size measured, from 16 heads × 512 keys (1.4×) up
+# to MQA at 8k keys (4-5×). One kv head per query head: both read the cache once and are bound
+# by memory; even from 4 × 8 heads × 8k keys (1.0-1.5×), behind below (4 × 8 × 2k: 0.6-1.0×).
+# Calls SDPA cannot express (bottom-right causal with n > 1, windows, bool masks) would
+# otherwise run the reference, which this kernel beats at every size measured (4 queries × 16
+# keys: 0.03 ms against 0.08), so they come here at any size.
+MIN_SCORES_VS_SDPA = {"shared_kv": 1 << 13, "kv_per_head": 1 << 18}
 
 
 def _sdpa_declines(q, k, v, mask, causal: bool, window: int) -> bool:
@@ -358,8 +360,9 @@ def supports(q, k, v, mask, causal: bool, window: int) -> str | None:
     if q.shape[2] > MAX_QUERIES:
         return f"{q.shape[2]} queries: the decode kernel serves at most {MAX_QUERIES}"
     scores = q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2]
-    if scores < MIN_SCORES_VS_SDPA and not _sdpa_declines(q, k, v, mask, causal, window):
-        return f"{scores} scores: below {MIN_SCORES_VS_SDPA} torch's SDPA is faster"
+    least = MIN_SCORES_VS_SDPA["shared_kv" if q.shape[1] > k.shape[1] else "kv_per_head"]
+    if scores < least and not _sdpa_declines(q, k, v, mask, causal, window):
+        return f"{scores} scores: below {least} torch's SDPA is faster"
     target = exact._target("cpu", None)
     sig = exact._signature(q, k, v, mask, causal, window)
     config, source = config_for(FORWARD_SPACE, target, sig)
