@@ -3,6 +3,14 @@
     python benchmarks/bench_attention.py                       # cuda: triton, bf16 shape grid
     python benchmarks/bench_attention.py --device cpu --backend tvm
     python benchmarks/bench_attention.py --device cpu --backend reference --n 128 --d 64
+    python benchmarks/bench_attention.py --decode --device cpu --threads 1   # decode grid
+
+``--decode`` times 1 to 16 queries (``--queries``) against a cache (``--cache`` lengths): the
+decode kernel (``tvm_decode`` on CPU, ``triton_decode`` on CUDA, even where the dispatch would
+pick another, which the note then says), ``attnopt`` (the ``attnopt::attention`` op with its
+dispatch; the note names the kernel it picked) and SDPA (bottom-right causal as a bool mask
+when n > 1). ``--rounds 3`` takes the best of three turns per impl on a shared machine.
+
     python benchmarks/bench_attention.py --device cpu --backend tvm --cpu-target avx2 --always
 
 ``--cpu-target avx2`` builds the TVM kernels for AVX2 on any newer CPU (``ATTNOPT_CPU_TARGET``);
@@ -12,8 +20,7 @@ the kernel where its ``supports`` declines for size (to check a dispatch thresho
 kernel's ``MIN_WORK``); a broken contract still becomes a note. ``--with-projection`` runs the
 (n, h·d) × (h·d, h·d) output projection a model runs after attention before every timed call, so
 each time includes the hand-off between torch's thread pool and the kernel's (the times and
-ratios are of projection + attention; the note gives the projection alone, "proj"). On a busy
-shared machine ``--rounds 30`` times the implementations in turns and keeps each one's fastest.
+ratios are of projection + attention; the note gives the projection alone, "proj").
 
 For each shape (batch, heads, n, head_dim, causal, kv_heads) one process times the kernel that
 ``--backend`` names in the registry for the device, ``F.scaled_dot_product_attention`` (its default
@@ -28,8 +35,6 @@ import importlib.util
 import json
 import os
 import sys
-import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -39,7 +44,8 @@ from rich.console import Console
 from rich.table import Table
 
 from attnopt.codegen import ops  # noqa: F401  (registers the reference and compiled kernels)
-from attnopt.codegen.registry import Kernel, kernels_for
+from attnopt.codegen.reference.exact import structural_keep
+from attnopt.codegen.registry import Kernel, kernels_for, select_kernel
 from attnopt.errors import KernelError
 from attnopt.targets import CPU_LEVELS, CPU_TARGET_ENV, detect_cpu
 
@@ -56,12 +62,17 @@ class Shape:
     head_dim: int
     causal: bool
     kv_heads: int
+    m: int | None = None  # keys (the cache when decoding); None: n
+
+    @property
+    def keys(self) -> int:
+        return self.m or self.n
 
     @property
     def flops(self) -> int:
-        """Forward FLOPs: two matmuls of 2·n·m·d each per head; causal computes half."""
-        full = 4 * self.batch * self.heads * self.n * self.n * self.head_dim
-        return full // 2 if self.causal else full
+        """Forward FLOPs: two matmuls of 2·n·m·d each per head; causal computes half (n = m)."""
+        full = 4 * self.batch * self.heads * self.n * self.keys * self.head_dim
+        return full // 2 if self.causal and self.m is None else full
 
 
 @dataclass
@@ -79,6 +90,7 @@ class Row:
     vs_sdpa: float | None  # SDPA time / this time: above 1 is faster than SDPA
     rel_err: float | None  # relative RMS error against SDPA's output
     note: str = ""
+    m: int | None = None
 
 
 def default_shapes(device: str, ns: list[int] | None, ds: list[int] | None, causal) -> list[Shape]:
@@ -96,6 +108,21 @@ def default_shapes(device: str, ns: list[int] | None, ds: list[int] | None, caus
     gqa_n = 4096 if gpu else ns[-1]
     shapes.append(Shape(1, 32 if gpu else 8, gqa_n, 128, True, 8 if gpu else 2))  # Llama-style
     return shapes
+
+
+def decode_shapes(device: str, caches: list[int] | None, queries: list[int], ds) -> list[Shape]:
+    """Decode calls: the issue's GPU goal (batch 1, GQA 8:1, 4k-32k) on CUDA; on CPU batch 1-4,
+    8-32 heads on 1-8 kv heads, caches 512-8k."""
+    gpu = device == "cuda"
+    caches = caches or ([4096, 8192, 16384, 32768] if gpu else [512, 2048, 8192])
+    heads = [(1, 32, 4), (4, 32, 4)] if gpu else [(1, 32, 8), (4, 8, 8), (1, 16, 1)]
+    return [
+        Shape(batch, h, n, d, True, kv, m)
+        for d in ds or ([128] if gpu else [64, 128])
+        for batch, h, kv in heads
+        for n in queries
+        for m in caches
+    ]
 
 
 def find_kernel(name: str | None, device: str) -> Kernel:
@@ -142,18 +169,6 @@ def timer(device: str, warmup: int, rep: int):
     return cpu_median
 
 
-def alternating_min(fns: dict[str, Callable], rounds: int) -> dict[str, float]:
-    """ms of each fn: the fastest of ``rounds`` calls taken in turns, so that every fn sees the
-    same load (a busy shared machine only ever adds time, so the minimum is the stable figure)."""
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: min(t) * 1e3 for name, t in times.items()}
-
-
 def rel_rms(actual: torch.Tensor, expected: torch.Tensor) -> float:
     diff = (actual.float() - expected.float()).norm()
     return (diff / expected.float().norm().clamp_min(1e-12)).item()
@@ -165,25 +180,37 @@ def bench_shape(
     dtype,
     device: str,
     measure,
+    decode: bool = False,
+    rounds: int = 1,
     always: bool = False,
     projection: bool = False,
-    rounds: int = 0,
 ) -> list[Row]:
     """Rows for the kernel, SDPA and eager on one shape; failures become notes, not crashes.
-    ``always``: time the kernel even where ``supports`` declines (the note keeps the reason);
-    ``projection``: precede each call by a model's output projection (see the module doc);
-    ``rounds``: time by ``alternating_min`` instead of ``measure``."""
+    ``decode``: the kernel is timed even where the dispatch declines it, and the op is added.
+    Each impl's time is the best of ``rounds`` medians, taken in turns. ``always``: time the
+    kernel even where ``supports`` declines; ``projection``: precede each call by a model's
+    output projection (see the module doc)."""
     gen = torch.Generator(device=device).manual_seed(0)
     q = torch.randn(shape.batch, shape.heads, shape.n, shape.head_dim, generator=gen, device=device)
-    kv_shape = (shape.batch, shape.kv_heads, shape.n, shape.head_dim)
+    kv_shape = (shape.batch, shape.kv_heads, shape.keys, shape.head_dim)
     k, v = (torch.randn(kv_shape, generator=gen, device=device) for _ in range(2))
     q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     scale = shape.head_dim**-0.5
     gqa = shape.kv_heads != shape.heads
+    group = shape.heads // shape.kv_heads
+    causal_mask = None  # SDPA's is_causal is top-left: bottom-right with n < m needs a mask
+    if shape.causal and 1 < shape.n != shape.keys:
+        causal_mask = structural_keep(shape.n, shape.keys, True, 0, q.device)
 
     def sdpa():
         return F.scaled_dot_product_attention(
-            q, k, v, is_causal=shape.causal, scale=scale, enable_gqa=gqa
+            q,
+            k,
+            v,
+            attn_mask=causal_mask,
+            is_causal=shape.causal and shape.n == shape.keys,
+            scale=scale,
+            enable_gqa=gqa,
         )
 
     impls = {
@@ -191,6 +218,10 @@ def bench_shape(
         "sdpa": sdpa,
         "eager": lambda: eager(q, k, v, shape.causal, scale),
     }
+    if decode:  # eager repeats K/V per query head: far behind, and slow to time at 8k
+        del impls["eager"]
+        op = torch.ops.attnopt.attention
+        impls["attnopt"] = lambda: op(q, k, v, None, scale, shape.causal, 0, float("-inf"), group)
     reason = kernel.supports(q, k, v, None, shape.causal, 0) if kernel.supports else None
     expected = sdpa()
     context = ""
@@ -206,30 +237,35 @@ def bench_shape(
         context = f"proj {measure(lambda: x @ weight):.2f} ms"
     timed: dict[str, tuple[float | None, float | None, str]] = {}
     for name, fn in impls.items():
-        if name == kernel.name and reason is not None and not always:
+        if name == kernel.name and reason is not None and not (decode or always):
             timed[name] = (None, None, reason)
             continue
-        declined = "supports() declines" if name == kernel.name and reason else ""
+        declined = f"dispatch declines: {reason}" if name == kernel.name and reason else ""
+        if name == "attnopt":
+            declined = select_kernel("exact", q, k, v, None, shape.causal, 0).name
         note = "; ".join(filter(None, (declined, context)))
         try:
-            err = rel_rms(fn(), expected)
-            timed[name] = (None if rounds else measure(fn), err, note)
+            timed[name] = (None, rel_rms(fn(), expected), note)
         except torch.OutOfMemoryError:
             timed[name] = (None, None, "out of memory")
-        except KernelError as error:  # --always on inputs outside the kernel's contract
+        except KernelError as error:
             timed[name] = (None, None, str(error))
         if device == "cuda":
             torch.cuda.empty_cache()
-    if rounds:
-        ran = {name: impls[name] for name, (_, err, _) in timed.items() if err is not None}
-        for name, ms in alternating_min(ran, rounds).items():
-            timed[name] = (ms, *timed[name][1:])
+    # alternating rounds, best of each: load from other processes hits every impl alike
+    runnable = [name for name, (_, err, _) in timed.items() if err is not None]
+    best: dict[str, float] = {}
+    for _ in range(rounds):
+        for name in runnable:
+            best[name] = min(best.get(name, float("inf")), measure(impls[name]))
+    timed = {name: (best.get(name), err, note) for name, (_, err, note) in timed.items()}
     sdpa_ms = timed["sdpa"][0]
     rows = []
     for name, (ms, err, note) in timed.items():
         tflops = shape.flops / (ms * 1e-3) / 1e12 if ms else None
         ratio = sdpa_ms / ms if ms and sdpa_ms else None
-        fields = asdict(shape)
+        fields = {f: getattr(shape, f) for f in ("batch", "heads", "n", "head_dim")}
+        fields |= dict(causal=shape.causal, kv_heads=shape.kv_heads, m=shape.keys)
         rows.append(
             Row(
                 **fields,
@@ -251,13 +287,18 @@ def _fmt(value: float | None, spec: str) -> str:
 
 def show(rows: list[Row], title: str) -> None:
     table = Table(title=title)
-    columns = ("b", "h", "kv", "n", "d", "scores", "causal", "impl", "ms", "TFLOP/s", "×SDPA")
+    columns = ("b", "h", "kv", "n", "m", "d", "scores", "causal", "impl", "ms", "TFLOP/s", "×SDPA")
     for column in (*columns, "err", "note"):
-        table.add_column(column, justify="left" if column in ("impl", "causal") else "right")
+        table.add_column(
+            column, justify="left" if column in ("impl", "causal", "note") else "right"
+        )
     for r in rows:
-        scores = r.batch * r.heads * r.n * r.n  # what the CPU dispatch threshold counts
+        scores = r.batch * r.heads * r.n * r.m  # what the CPU dispatch thresholds count
         table.add_row(
-            *map(str, (r.batch, r.heads, r.kv_heads, r.n, r.head_dim, scores, r.causal, r.impl)),
+            *map(
+                str,
+                (r.batch, r.heads, r.kv_heads, r.n, r.m, r.head_dim, scores, r.causal, r.impl),
+            ),
             _fmt(r.ms, ".3f"),
             _fmt(r.tflops, ".2f"),
             _fmt(r.vs_sdpa, ".2f"),
@@ -294,7 +335,6 @@ def plot(rows: list[Row], path: Path) -> None:
 
 
 def _cpu_isa() -> str:
-    """The vector ISA the TVM CPU kernels are built for, as the title names it."""
     bits = detect_cpu().vector_bits
     return next((level for level, (_, width) in CPU_LEVELS.items() if width == bits), f"{bits}-bit")
 
@@ -305,12 +345,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--backend", default=None, help="registered kernel name (default: best)")
     parser.add_argument("--dtype", choices=list(DTYPES), default=None)
     parser.add_argument("--n", type=int, nargs="+", default=None, help="sequence lengths")
-    parser.add_argument("--d", type=int, nargs="+", default=None, help="head dims")
-    causal = parser.add_mutually_exclusive_group()
-    causal.add_argument("--causal", dest="causal", action="store_true", default=None)
-    causal.add_argument("--no-causal", dest="causal", action="store_false")
-    parser.add_argument("--warmup", type=int, default=25, help="warm-up ms (cuda)")
-    parser.add_argument("--rep", type=int, default=100, help="timed ms per measurement")
+    parser.add_argument("--decode", action="store_true", help="decode calls against a cache")
+    parser.add_argument("--queries", type=int, nargs="+", default=[1], help="decode queries")
+    parser.add_argument("--cache", type=int, nargs="+", default=None, help="decode cache lengths")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (torch and TVM)")
+    parser.add_argument("--rounds", type=int, default=1, help="timings per impl, in turns; best")
     parser.add_argument(
         "--cpu-target",
         choices=["native", *CPU_LEVELS],
@@ -325,12 +364,12 @@ def parse_args() -> argparse.Namespace:
         action="store_true",
         help="time each call after a model's output projection (thread-pool hand-off included)",
     )
-    parser.add_argument(
-        "--rounds",
-        type=int,
-        default=0,
-        help="CPU: time the implementations in turns, the fastest of this many (busy machines)",
-    )
+    parser.add_argument("--d", type=int, nargs="+", default=None, help="head dims")
+    causal = parser.add_mutually_exclusive_group()
+    causal.add_argument("--causal", dest="causal", action="store_true", default=None)
+    causal.add_argument("--no-causal", dest="causal", action="store_false")
+    parser.add_argument("--warmup", type=int, default=25, help="warm-up ms (cuda)")
+    parser.add_argument("--rep", type=int, default=100, help="timed ms per measurement")
     parser.add_argument("--json", type=Path, default=None, help="write the rows here")
     parser.add_argument("--plot", type=Path, default=None, help="PNG of TFLOP/s against n")
     return parser.parse_args()
@@ -342,21 +381,37 @@ def main() -> None:
         sys.exit("--plot needs matplotlib, which is not installed: pip install matplotlib")
     if args.cpu_target:
         os.environ[CPU_TARGET_ENV] = args.cpu_target
+    if args.threads:  # before TVM's pool starts: it follows torch's setting
+        torch.set_num_threads(args.threads)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = DTYPES[args.dtype or ("bf16" if device == "cuda" else "fp32")]
-    kernel = find_kernel(args.backend, device)
+    decode_name = {"cpu": "tvm_decode", "cuda": "triton_decode"}[device]
+    kernel = find_kernel(args.backend or (decode_name if args.decode else None), device)
     measure = timer(device, args.warmup, args.rep)
+    if args.decode:
+        shapes = decode_shapes(device, args.cache, args.queries, args.d)
+    else:
+        shapes = default_shapes(device, args.n, args.d, args.causal)
     rows: list[Row] = []
-    for shape in default_shapes(device, args.n, args.d, args.causal):
+    for shape in shapes:
         rows += bench_shape(
-            shape, kernel, dtype, device, measure, args.always, args.with_projection, args.rounds
+            shape,
+            kernel,
+            dtype,
+            device,
+            measure,
+            args.decode,
+            args.rounds,
+            args.always,
+            args.with_projection,
         )
     if device == "cuda":
         name = torch.cuda.get_device_name()
     else:
         isa = torch.backends.cpu.get_cpu_capability()
         name = f"CPU ({torch.get_num_threads()} threads, torch {isa}, TVM {_cpu_isa()})"
-    show(rows, f"exact attention on {name}, {str(dtype)[6:]}, kernel {kernel.name!r}")
+    what = "decode attention" if args.decode else "exact attention"
+    show(rows, f"{what} on {name}, {str(dtype)[6:]}, kernel {kernel.name!r}")
     if args.json:
         args.json.write_text(json.dumps([asdict(r) for r in rows], indent=2))
     if args.plot:

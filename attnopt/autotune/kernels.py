@@ -3,8 +3,9 @@
 A tunable kernel module declares, by convention, ``FORWARD_SPACE`` with ``forward`` (or
 ``SPACE`` with ``launch``) and optionally ``BACKWARD_SPACE`` with ``backward``; the launchers
 follow ``codegen/reference/exact.py``'s contract plus a ``config=`` keyword. ``triton`` and
-``tvm`` name ``attnopt.codegen.<backend>.<variant>``; any other name is a module path, so a
-kernel outside attnopt can be tuned the same way.
+``tvm`` name ``attnopt.codegen.<backend>.<variant>``, ``KERNEL_MODULES`` the registered kernels
+with a module of their own (the decode kernels); any other name is a module path, so a kernel
+outside attnopt can be tuned the same way.
 """
 
 from __future__ import annotations
@@ -23,6 +24,11 @@ from attnopt.errors import KernelError
 from attnopt.targets import Target
 
 BACKENDS = {"triton": "attnopt.codegen.triton", "tvm": "attnopt.codegen.tvm"}
+# Registered kernels that live in a module of their own rather than ``<backend>.<variant>``.
+KERNEL_MODULES = {
+    "triton_decode": "attnopt.codegen.triton.decode",
+    "tvm_decode": "attnopt.codegen.tvm.decode",
+}
 WINDOW = 256  # the window timed for ``sliding_window`` signatures, which do not carry one
 _CONVENTIONS = (
     ("forward", "FORWARD_SPACE", "forward"),
@@ -49,6 +55,7 @@ def default_kernel(target: Target) -> str:
 def passes(kernel: str, variant: str = "exact") -> list[Pass]:
     """The tunable passes of ``kernel`` (a backend name or a module path), forward first."""
     module_name = f"{BACKENDS[kernel]}.{variant}" if kernel in BACKENDS else kernel
+    module_name = KERNEL_MODULES.get(kernel, module_name)
     try:
         module = importlib.import_module(module_name)
     except ImportError as error:

@@ -2,9 +2,10 @@
 
 On CPU it is the fast path for small problems, where a compiled kernel's thread-pool handoff
 costs more than it saves (see ``tvm/exact.py`` ``MIN_WORK``), and a better fallback than the
-reference everywhere its semantics match: no mask or an additive one, causal only when n == m,
-no window, bool masks only with a -inf fill. It returns no log-sum-exp (``None``): the op needs
-it only for a kernel's own backward, and this kernel has none.
+reference everywhere its semantics match: no mask or an additive one, causal only when n == m
+(or n == 1: one bottom-right query sees every key), no window, bool masks only with a -inf fill.
+It returns no log-sum-exp (``None``): the op needs it only for a kernel's own backward, and this
+kernel has none.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from attnopt.codegen.registry import Kernel, register_kernel
 
 
 def supports(q, k, v, mask, causal: bool, window: int) -> str | None:
+    causal = causal and q.shape[-2] > 1  # one query, bottom-right aligned: it sees every key
     if window:
         return "SDPA has no sliding window"
     if causal and q.shape[-2] != k.shape[-2]:
@@ -32,6 +34,7 @@ def supports(q, k, v, mask, causal: bool, window: int) -> str | None:
 def forward(q, k, v, mask, *, scale: float, causal: bool, window: int, fill: float):
     """``(out, None)`` for the calls ``supports`` accepts."""
     del window, fill  # excluded by supports()
+    causal = causal and q.shape[-2] > 1  # one query sees every key (bottom-right alignment)
     out = F.scaled_dot_product_attention(
         q, k, v, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=q.shape[1] != k.shape[1]
     )

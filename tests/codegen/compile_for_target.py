@@ -18,12 +18,17 @@ from triton.runtime.driver import driver  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
 from attnopt.codegen.signature import KernelSignature  # noqa: E402
-from attnopt.codegen.triton import exact  # noqa: E402
+from attnopt.codegen.triton import decode, exact  # noqa: E402
 
 # (dtype, head_dim, causal, window, mask kind, forward config, backward config)
 CASES = (
     (torch.float16, 64, True, 0, "none", (128, 64, 4, 3), (32, 128, 4, 3)),
     (torch.bfloat16, 80, False, 16, "boolean", (64, 32, 4, 2), (16, 64, 4, 2)),
+)
+# split-KV decode: (dtype, head_dim, queries, kv group, causal, window, config)
+DECODE_CASES = (
+    (torch.float16, 128, 1, 8, True, 0, (64, 16, 4, 2)),
+    (torch.bfloat16, 64, 4, 4, True, 32, (32, 8, 4, 3)),
 )
 
 
@@ -76,6 +81,19 @@ def main(arch: int) -> None:
             estimate, _ = exact._footprint(_config(bwd if backward else fwd), sig, backward)
             row = dict(kernel=name, dtype=str(dtype), shared=kernel.metadata.shared)
             print(json.dumps(row | dict(estimate=estimate, arch=arch)), flush=True)
+        compiled.clear()
+    for dtype, head_dim, n_q, group, causal, window, values in DECODE_CASES:
+        q = torch.empty(1, 2 * group, n_q, head_dim, dtype=dtype)
+        k = torch.empty(1, 2, 4096, head_dim, dtype=dtype)
+        config = dict(zip(decode.PARAMS, values, strict=True))
+        decode.forward(q, k, k, None, scale=0.125, causal=causal, window=window, config=config)
+        sig = KernelSignature.of(q, k, k, "causal")
+        tile = dict(config, BLOCK_M=decode._block_m(group, n_q))
+        estimate, _ = exact._footprint(tile, sig, False)
+        for name, kernel in compiled:  # the merge keeps its rows in registers: no estimate
+            row = dict(kernel=name, dtype=str(dtype), shared=kernel.metadata.shared)
+            split = name == "_split_kernel"
+            print(json.dumps(row | dict(estimate=estimate if split else None, arch=arch)))
         compiled.clear()
 
 

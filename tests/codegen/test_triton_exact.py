@@ -388,7 +388,7 @@ def test_config_space_prunes_with_reasons():
 
 @pytest.mark.parametrize("arch", [80, 90])
 def test_compiles_for_cuda_targets(arch):
-    """The compiled path (which the interpreter never exercises) builds for sm_80 and sm_90, and
+    """The compiled paths (which the interpreter never exercises) build for sm_80 and sm_90, and
     the shared memory the compiler allots stays within ``keep``'s estimate."""
     script = Path(__file__).with_name("compile_for_target.py")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -402,6 +402,8 @@ def test_compiles_for_cuda_targets(arch):
         "_delta_kernel",
         "_dkdv_kernel",
         "_dq_kernel",
+        "_split_kernel",  # triton/decode.py
+        "_merge_kernel",
     }
     for row in rows:
-        assert row["shared"] <= row["estimate"], row
+        assert row["estimate"] is None or row["shared"] <= row["estimate"], row

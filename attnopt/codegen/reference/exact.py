@@ -35,6 +35,16 @@ def structural_keep(
     return keep
 
 
+def key_range(n: int, m: int, causal: bool, window: int) -> tuple[int, int]:
+    """``[first, last)``: the keys some query may see under the causal / window flags (a decode
+    kernel splits only these; a window's, not the whole cache)."""
+    if window <= 0:
+        return 0, m
+    offset = m - n
+    last = m if causal else min(m, offset + n - 1 + window)
+    return max(0, offset - window + 1), last
+
+
 def exact_attention(
     q: torch.Tensor,
     k: torch.Tensor,

@@ -127,6 +127,19 @@ def _inside_band(key0, first, last, n_keys, causal, window, block: int):
     )
 
 
+def _score(spec: Spec, raw, mask_buf, b, h, row, key, scale, fill):
+    """A scaled score with the site's mask (row and key already clamped inside the tensor), in
+    log2 units without a mask and natural units with one (see the module docstring)."""
+    from tvm.script import tirx as T
+
+    s = raw * (scale * T.float32(1.0 if spec.mask != "none" else LOG2E))
+    if spec.mask == "boolean":
+        return T.Select(mask_buf[b, h, row, key] != T.uint8(0), s, fill)
+    if spec.mask != "none":
+        return s + T.Cast("float32", mask_buf[b, h, row, key])
+    return s
+
+
 def _cpu_kernel(spec: Spec, config: Config):
     """The PrimFunc of one signature class and config; every shape in it is symbolic."""
     from tvm.script import tirx as T
@@ -140,8 +153,7 @@ def _cpu_kernel(spec: Spec, config: Config):
     bn = key_tiles * tw  # keys per block
     bv = bn // vec  # vectors per block row
     stats = -(-bm // vec) * vec  # per-row statistics padded to whole vectors
-    masked, boolean = spec.mask != "none", spec.mask == "boolean"
-    score_unit = 1.0 if masked else LOG2E  # folded into the scale
+    masked = spec.mask != "none"
     exp_unit = LOG2E if masked else 1.0  # applied to s - max before exp2
     lse_unit = 1.0 if masked else LN2
     # buffer shapes and strides must be int64 throughout: the ABI binder checks their types
@@ -149,15 +161,6 @@ def _cpu_kernel(spec: Spec, config: Config):
     d64, dv64, bn64 = T.int64(d), T.int64(dv), T.int64(bn)
     neg = T.float32(NEG_INF)
     over_tiles = config["parallel"] == 1
-
-    def score(raw, mask_buf, b, h, row, key, scale, fill):
-        """A scaled score with the site's mask (row and key already clamped inside the tensor)."""
-        s = raw * (scale * T.float32(score_unit))
-        if boolean:
-            return T.Select(mask_buf[b, h, row, key] != T.uint8(0), s, fill)
-        if masked:
-            return s + T.Cast("float32", mask_buf[b, h, row, key])
-        return s
 
     def row_max(buf, i):
         return hmax(
@@ -263,7 +266,8 @@ def _cpu_kernel(spec: Spec, config: Config):
                 if whole:
                     for r, cv in T.grid(rows, cols):
                         for c in T.vectorized(vec):
-                            s_t[g * rows + r, kt * tw + cv * vec + c] = score(
+                            s_t[g * rows + r, kt * tw + cv * vec + c] = _score(
+                                spec,
                                 acc[r, cv * vec + c],
                                 MASK,
                                 b,
@@ -284,7 +288,8 @@ def _cpu_kernel(spec: Spec, config: Config):
                                     causal,
                                     win,
                                 ),
-                                score(
+                                _score(
+                                    spec,
                                     acc[r, cv * vec + c],
                                     MASK,
                                     b,
@@ -418,21 +423,12 @@ def _cuda_kernel(spec: Spec, config: Config):
 
     d, dv, dtype = spec.head_dim, spec.value_dim, spec.dtype
     bm, bn = config["block_m"], config["block_n"]
-    masked, boolean = spec.mask != "none", spec.mask == "boolean"
-    score_unit = 1.0 if masked else LOG2E
+    masked = spec.mask != "none"
     exp_unit = LOG2E if masked else 1.0
     lse_unit = 1.0 if masked else LN2
     key_stride, unit_stride = T.int64(spec.mask_key_stride), T.int64(1)
     d64, dv64 = T.int64(d), T.int64(dv)
     neg = T.float32(NEG_INF)
-
-    def score(raw, mask_buf, b, h, row, key, scale, fill):
-        s = raw * (scale * T.float32(score_unit))
-        if boolean:
-            return T.Select(mask_buf[b, h, row, key] != T.uint8(0), s, fill)
-        if masked:
-            return s + T.Cast("float32", mask_buf[b, h, row, key])
-        return s
 
     @T.prim_func
     def kernel(
@@ -516,7 +512,9 @@ def _cuda_kernel(spec: Spec, config: Config):
                                 s_r[j] = s_r[j] + q_r[c] * k_s[j, c]
                             s_r[j] = T.Select(
                                 _visible(j0 + j - diag, j0 + j, M, causal, window),
-                                score(s_r[j], MASK, b, h, row, T.min(j0 + j, M - 1), scale, fill),
+                                _score(
+                                    spec, s_r[j], MASK, b, h, row, T.min(j0 + j, M - 1), scale, fill
+                                ),
                                 neg,
                             )
                             stat[2] = T.max(stat[2], s_r[j])
