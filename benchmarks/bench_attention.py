@@ -126,10 +126,11 @@ def decode_shapes(device: str, caches: list[int] | None, queries: list[int], ds)
 
 
 def find_kernel(name: str | None, device: str) -> Kernel:
-    """The registered exact kernel called ``name`` on ``device`` (the best one if no name)."""
+    """The registered exact kernel called ``name`` on ``device`` (if no name, the best one that
+    is not a decode kernel: those serve 1 to 16 queries only, and ``--decode`` names them)."""
     found = kernels_for("exact", device)
     if name is None:
-        return found[0]
+        return next(k for k in found if not k.name.endswith("_decode"))
     for kernel in found:
         if kernel.name == name:
             return kernel
