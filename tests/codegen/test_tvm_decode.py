@@ -133,21 +133,19 @@ def test_refuses_inputs_outside_the_contract():
 
 def test_attention_op_dispatches_decode_calls():
     """``attnopt::attention`` on CPU: this kernel for decode calls SDPA cannot express (bottom-
-    right causal with n > 1, windows) at any size and for large calls; SDPA for small calls it
-    can run; the exact kernels for long query blocks."""
-    least = decode.MIN_SCORES_VS_SDPA
-    short = inputs(1, 8, 2, 1, least["shared_kv"] // 8 - 1, 64)
+    right causal with n > 1, windows) at any size; SDPA for the calls it can run; the exact
+    kernels for long query blocks."""
+    short = inputs(1, 8, 2, 1, 1023, 64)
     assert registry.select_kernel("exact", *short, None, True, 0).name == "sdpa"
     assert sdpa.supports(*short, None, True, 4) is not None
     assert registry.select_kernel("exact", *short, None, True, 4).name == "tvm_decode"
     speculative = inputs(1, 8, 2, 4, 64, 64)
     assert registry.select_kernel("exact", *speculative, None, True, 0).name == "tvm_decode"
-    per_head = inputs(1, 8, 8, 1, least["kv_per_head"] // 8 - 1, 64)  # MHA: memory-bound parity
+    per_head = inputs(1, 8, 8, 1, 4001, 64)
     assert registry.select_kernel("exact", *per_head, None, True, 0).name == "sdpa"
-    q, k, v = inputs(1, 8, 2, 1, least["shared_kv"] // 8 + 37, 64)
-    assert registry.select_kernel("exact", q, k, v, None, True, 0).name == "tvm_decode"
     prefill = inputs(1, 8, 2, decode.MAX_QUERIES + 1, 64, 64)
     assert registry.select_kernel("exact", *prefill, None, True, 0).name != "tvm_decode"
+    q, k, v = inputs(1, 8, 2, 1, 1000 + 37, 64)  # a window: SDPA cannot run it
 
     calls = []
     kernel = registry.kernels_for("exact", "cpu")[0]
@@ -159,10 +157,10 @@ def test_attention_op_dispatches_decode_calls():
     with pytest.MonkeyPatch.context() as patch:
         counted_kernel = replace(kernel, forward=counted)
         patch.setitem(registry._KERNELS[("exact", "cpu")], "tvm_decode", counted_kernel)
-        out = torch.ops.attnopt.attention(q, k, v, None, 0.125, True, 0, float("-inf"), 4)
+        out = torch.ops.attnopt.attention(q, k, v, None, 0.125, True, 64, float("-inf"), 4)
     assert calls == [1]
     with ops.use_kernel("reference"):
-        expected = torch.ops.attnopt.attention(q, k, v, None, 0.125, True, 0, float("-inf"), 4)
+        expected = torch.ops.attnopt.attention(q, k, v, None, 0.125, True, 64, float("-inf"), 4)
     assert rel_rms(out, expected) <= 1e-5
 
 
@@ -209,7 +207,7 @@ def test_optimize_runs_and_reports_the_decode_kernel():
         return decode.forward(*args, **kwargs)
 
     with pytest.MonkeyPatch.context() as patch:  # this call, not the threshold, is under test
-        patch.setitem(decode.MIN_SCORES_VS_SDPA, "kv_per_head", 1)
+        patch.setattr(decode, "_sdpa_declines", lambda *args: True)
         optimized = attnopt.optimize(Decode(), (q, k, v))
         (site,) = optimized.attnopt_report.rewritten
         assert site.kernel.endswith("tvm_decode") and "tvm.decode.cpu" in site.config
