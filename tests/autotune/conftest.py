@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from attnopt.autotune import measure as measure_module
 from attnopt.autotune.kernels import passes, runner
 from attnopt.codegen.signature import KernelSignature
 from attnopt.targets import resolve
@@ -45,6 +46,22 @@ def toy_pass():
 @pytest.fixture
 def toy_runner(toy_pass, sig, cpu):
     return runner(toy_pass, sig, cpu)
+
+
+@pytest.fixture
+def modeled_runner(toy_runner, monkeypatch):
+    """The toy kernel's configs with a modeled cost instead of a clock: the launch returns the
+    cost (one unit per tile plus a fixed launch cost per head split) and the CPU timer reports
+    it, so tests that compare configs' times are exact on any machine, however busy. Configs the
+    toy rejects at launch still fail."""
+
+    def runner(config):
+        toy_runner(config)()  # the real launch, for its failures
+        tiles = -(-256 // config["block_m"]) * -(-256 // config["block_n"])
+        return lambda: 0.01 * tiles + 0.05 * config["split"]
+
+    monkeypatch.setattr(measure_module, "_cpu_median", lambda launch, budget_ms: float(launch()))
+    return runner
 
 
 @pytest.fixture
