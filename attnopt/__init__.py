@@ -2,7 +2,8 @@
 
 from attnopt import errors
 from attnopt.api import OptimizedModule, inspect, optimize
+from attnopt.calibrate import calibrate
 from attnopt.report import Report
 
-__all__ = ["OptimizedModule", "Report", "errors", "inspect", "optimize"]
+__all__ = ["OptimizedModule", "Report", "calibrate", "errors", "inspect", "optimize"]
 __version__ = "0.1.0"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -13,7 +14,8 @@ from torch.utils import _pytree as pytree
 from attnopt.codegen.registry import Kernel, kernels_for, select_kernel
 from attnopt.codegen.signature import KernelSignature
 from attnopt.errors import AttnoptError, ShapeError
-from attnopt.passes.plan import plan
+from attnopt.passes.base import default_knobs
+from attnopt.passes.plan import applicable, check_variants, plan
 from attnopt.report import NearMissReport, Report, SiteReport
 from attnopt.rewriter.canonicalize import canonicalize
 from attnopt.rewriter.capture import Capture, Inputs, capture, check_outputs, check_signature
@@ -104,7 +106,10 @@ def optimize(
     *,
     variants: tuple[str, ...] = ("exact",),
     target: str = "auto",
-    tolerance: float | None = None,
+    tolerance: float | dict | None = None,
+    calibration: Iterable | None = None,
+    search: bool = False,
+    search_trials: int = 30,
     tune: bool = False,
     storage: str | None = None,
     trials: int = 40,
@@ -113,6 +118,12 @@ def optimize(
 
     Each site is checked against the original on ``example_inputs``; sites outside
     ``tolerance`` (default: per dtype, see ``attnopt.validate``) are restored and reported.
+    With approximate ``variants`` (``linear``, ``gla``, ``hybrid``, ...) or a ``tolerance`` dict
+    of metrics (``cos``, ``rel_l1``, ``rmse``, ``model_rel_l1``), each site keeps the first
+    variant within that error budget on the ``calibration`` batches (an iterable of example
+    inputs; default the example), and the model output must fit too (``attnopt.budget``).
+    ``search=True`` instead lets an Optuna study pick each site's variant and knobs for time and
+    error (``search_trials`` plans; ``attnopt.search``); the report gives its Pareto front.
     Kernels launch with the best config stored for each site's signature in the tuning
     database ``storage`` (an Optuna storage URL; default: a SQLite file in the user cache);
     ``tune=True`` first tunes them (``trials`` per signature). The result has
@@ -135,6 +146,25 @@ def optimize(
     lap("capture+detect")
     report = _base_report(model, captured, found, resolved.name)
     gm = captured.gm
+    passes = check_variants(variants)
+    if search or isinstance(tolerance, dict) or any(p.approximate for p in passes):
+        optimized = _optimize_budgeted(
+            model,
+            inputs,
+            reference,
+            (gm, view, found.sites, report),
+            resolved,
+            variants,
+            tolerance,
+            calibration,
+            search,
+            search_trials,
+            (tune, storage, trials),
+        )
+        lap("choose+validate")
+        timings["total"] = time.perf_counter() - start
+        report.seconds = timings
+        return optimized
     splices: list[tuple[SiteReport, Splice]] = []
     for choice, site_report in zip(
         plan(found.sites, variants, resolved), report.sites, strict=True
@@ -179,6 +209,69 @@ def optimize(
     lap("validate")
     timings["total"] = time.perf_counter() - start
     report.seconds = timings
+    return optimized
+
+
+def _optimize_budgeted(
+    model,
+    inputs,
+    reference,
+    graph,
+    target,
+    variants,
+    tolerance,
+    calibration,
+    search,
+    search_trials,
+    tuning,
+) -> OptimizedModule:
+    """Choose each site's variant within the error budget (or by search), then report."""
+    from attnopt.budget import Budget, SitePlan, calibration_inputs, choose
+
+    gm, view, sites, report = graph
+    budget = Budget.of(tolerance)
+    batches = calibration_inputs(calibration, inputs)
+    with torch.no_grad():
+        references = [model(*b.args, **b.kwargs) for b in batches]
+    plans = []
+    for site, site_report in zip(sites, report.sites, strict=True):
+        passes, reasons = applicable(site, variants, target)
+        candidates = [(p, default_knobs(p)) for p in passes]
+        plans.append(SitePlan(site, site_report, candidates))
+        if not passes:
+            site_report.status, site_report.reason = "skipped", "; ".join(reasons)
+
+    def exact_limit(dtype: str | None) -> float:
+        return tolerance_for(getattr(torch, dtype or "float32"), budget.exact)
+
+    if search:
+        from attnopt.search import search_plans
+
+        report.model_metrics, report.pareto = search_plans(
+            gm, view, plans, batches, references, budget, exact_limit, search_trials
+        )
+    else:
+        report.model_metrics = choose(gm, view, plans, batches, references, budget, exact_limit)
+    report.budget = budget.as_dict()
+    for p in plans:
+        if p.live is None:
+            if p.candidates:
+                p.report.status = "restored"
+                p.report.reason = "no allowed variant within the budget"
+            continue
+        chosen, knobs = p.current
+        p.report.status, p.report.variant = "rewritten", chosen.name
+        p.report.max_error = p.metrics.get("max_error")
+        if chosen.approximate:
+            module = type(gm.get_submodule(p.live.op_call.target))
+            p.report.kernel = f"{module.__module__}.{module.__name__}({chosen.name})"
+            p.report.config = ", ".join(f"{k}={v}" for k, v in knobs.items())
+        else:
+            _configure_kernel(p.report, p.report.kernel_signature, target, *tuning)
+    finish(gm)
+    optimized = OptimizedModule(gm, report)
+    with torch.no_grad():
+        report.output_error = compare_outputs(optimized(*inputs.args, **inputs.kwargs), reference)
     return optimized
 
 

@@ -7,7 +7,7 @@ site that fails is restored by pointing its users back at it; dead code goes onl
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -30,9 +30,18 @@ class Splice:
     old: fx.Node
     new: fx.Node
     op_call: fx.Node
+    inserted: list[fx.Node] = field(default_factory=list)
 
     def restore(self) -> None:
         self.new.replace_all_uses_with(self.old)
+
+    def discard(self, gm: fx.GraphModule) -> None:
+        """Restore, and remove the replacement's nodes now (a discarded candidate must not keep
+        running while the next one is measured)."""
+        self.restore()
+        for node in reversed(self.inserted):
+            gm.graph.erase_node(node)
+        self.inserted = []
 
 
 def _resolve_op(name: str) -> Any:
@@ -90,33 +99,39 @@ def splice(
     """Insert the replacement before the site's output and move the output's users onto it."""
     graph = gm.graph
     old = view.handle(site.output)
+    before = set(graph.nodes)
     with graph.inserting_before(old):
         q = _value(graph, view, site.q)
         k = _value(graph, view, site.k)
         v = _value(graph, view, site.v)
         mask = _mask(graph, view, site)
         attrs = replacement.attrs
-        call = graph.call_function(
-            _resolve_op(replacement.op),
-            (
-                q,
-                k,
-                v,
-                mask,
-                attrs["scale"],
-                attrs["causal"],
-                attrs["window"],
-                attrs["fill"],
-                attrs["kv_group"],
-            ),
-        )
+        if replacement.module is not None:
+            name = _free_name(gm)
+            gm.add_submodule(name, replacement.module)
+            call = graph.call_module(name, (q, k, v, mask))
+        else:
+            call = graph.call_function(
+                _resolve_op(replacement.op),
+                (
+                    q,
+                    k,
+                    v,
+                    mask,
+                    attrs["scale"],
+                    attrs["causal"],
+                    attrs["window"],
+                    attrs["fill"],
+                    attrs["kv_group"],
+                ),
+            )
         new = call
         if site.output_perm is not None:
             new = graph.call_function(aten.permute.default, (new, list(site.output_perm)))
         if site.output_dtype is not None and site.output_dtype != site.dtype:
             new = graph.call_function(aten.to.dtype, (new, getattr(torch, site.output_dtype)))
     old.replace_all_uses_with(new)
-    return Splice(site, old, new, call)
+    return Splice(site, old, new, call, [n for n in graph.nodes if n not in before])
 
 
 def _is_impure(node: fx.Node) -> bool:
@@ -127,8 +142,22 @@ def _is_impure(node: fx.Node) -> bool:
     return node.is_impure()
 
 
+SITE_PREFIX = "attnopt_site_"  # submodules holding approximate sites' weights
+
+
+def _free_name(gm: fx.GraphModule) -> str:
+    index = 0
+    while hasattr(gm, f"{SITE_PREFIX}{index}"):
+        index += 1
+    return f"{SITE_PREFIX}{index}"
+
+
 def finish(gm: fx.GraphModule) -> None:
-    """Drop what the spliced sites left dead and regenerate the module's code."""
+    """Drop what the spliced sites left dead (site modules included) and regenerate the code."""
     gm.graph.eliminate_dead_code(is_impure_node=_is_impure)
+    called = {n.target for n in gm.graph.nodes if n.op == "call_module"}
+    for name, _ in list(gm.named_children()):
+        if name.startswith(SITE_PREFIX) and name not in called:
+            delattr(gm, name)
     gm.graph.lint()
     gm.recompile()
