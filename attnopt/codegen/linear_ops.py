@@ -33,6 +33,8 @@ EAGER = register_kernel(
     Kernel(variant="linear", device_type="any", name="eager", forward=_eager_forward)
 )
 
+import attnopt.codegen.backends  # noqa: E402,F401  (registers the compiled kernels)
+
 
 def linear_forward(fq, fk, v, log_alpha, *, causal: bool, chunk: int) -> torch.Tensor:
     """The best registered linear kernel for these inputs; eager whenever gradients flow."""
