@@ -1,8 +1,8 @@
 """Train the quality fixture (tests/fixtures/tiny_lm.py) and save its weights beside it.
 
-    python benchmarks/train_quality_fixture.py [--steps 1500]
+    python benchmarks/train_quality_fixture.py [--steps 400] [--batch 16]
 
-Byte-level LM on a few standard-library modules; about two minutes on two CPU cores. Prints the
+Byte-level LM on a few standard-library modules; a few minutes on two CPU cores. Prints the
 held-out perplexity (fractions.py, never trained on).
 """
 
@@ -30,8 +30,9 @@ from tests.fixtures.tiny_lm import (  # noqa: E402
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--length", type=int, default=128)
+    parser.add_argument("--batch", type=int, default=16)
     args = parser.parse_args()
     torch.manual_seed(0)
     train, held = text_bytes(TRAIN_FILES), text_bytes(HELD_OUT_FILES)
@@ -39,15 +40,16 @@ def main() -> None:
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=args.steps)
     start = time.perf_counter()
-    for step, window in enumerate(batches(train, args.steps, args.length + 1, 32, seed=0)):
+    for step, window in enumerate(batches(train, args.steps, args.length + 1, args.batch, seed=0)):
         logits = model(window[:, :-1])
         loss = F.cross_entropy(logits.reshape(-1, 256), window[:, 1:].reshape(-1))
         opt.zero_grad()
         loss.backward()
         opt.step()
         sched.step()
-        if step % 250 == 0:
-            print(f"step {step} loss {loss.item():.3f} ({time.perf_counter() - start:.0f}s)")
+        if step % 50 == 0:
+            elapsed = time.perf_counter() - start
+            print(f"step {step} loss {loss.item():.3f} ({elapsed:.0f}s)", flush=True)
     model.eval()
     print(f"held-out perplexity {perplexity(model, held):.3f}")
     torch.save(model.state_dict(), WEIGHTS)
