@@ -16,11 +16,31 @@ from torch import nn
 from attnopt.errors import AttnoptError
 from attnopt.passes.base import SiteModule
 from attnopt.rewriter.capture import Inputs
+from attnopt.validate import ErrorSums
 
 
 def site_modules(optimized: nn.Module) -> dict[str, SiteModule]:
     """The approximate sites' modules of an optimized model, by qualified name."""
     return {name: m for name, m in optimized.named_modules() if isinstance(m, SiteModule)}
+
+
+def site_errors(optimized: nn.Module, batches: Iterable) -> dict[str, dict[str, float]]:
+    """Each approximate site's metrics (cos, rel_l1, rmse, max_error) against exact attention
+    of the same inputs, over ``batches``."""
+    sums = {name: ErrorSums() for name in site_modules(optimized)}
+
+    def hook(name):
+        return lambda module, args, out: sums[name].add(out, module.teacher(*args))
+
+    hooks = [m.register_forward_hook(hook(n)) for n, m in site_modules(optimized).items()]
+    try:
+        with torch.no_grad():
+            for batch in (Inputs.of(b) for b in batches):
+                optimized(*batch.args, **batch.kwargs)
+    finally:
+        for handle in hooks:
+            handle.remove()
+    return {name: s.metrics() for name, s in sums.items()}
 
 
 def calibrate(

@@ -89,12 +89,20 @@ class SiteModule(nn.Module):
     def attend(self, heads: HeadsLayout) -> torch.Tensor:
         raise NotImplementedError
 
+    def _exact(self, heads: HeadsLayout) -> torch.Tensor:
+        flags = {key: self.attrs[key] for key in ("scale", "causal", "window", "fill")}
+        with torch.no_grad():
+            out, _ = exact_attention(heads.q, heads.k, heads.v, heads.mask, **flags)
+        return out
+
+    def teacher(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Any) -> torch.Tensor:
+        """What the original site computes from the same inputs (exact softmax attention)."""
+        heads = to_heads(q, k, v, mask, self.attrs["kv_group"])
+        return self._exact(heads).reshape(heads.out_shape).to(q.dtype)
+
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Any) -> torch.Tensor:
         heads = to_heads(q, k, v, mask, self.attrs["kv_group"])
         out = self.attend(heads)
         if self.transfer is not None:
-            with torch.no_grad():
-                flags = {key: self.attrs[key] for key in ("scale", "causal", "window", "fill")}
-                teacher, _ = exact_attention(heads.q, heads.k, heads.v, heads.mask, **flags)
-            self.transfer.append(F.mse_loss(out.float(), teacher.float()))
+            self.transfer.append(F.mse_loss(out.float(), self._exact(heads).float()))
         return out.reshape(heads.out_shape).to(q.dtype)
