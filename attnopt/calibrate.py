@@ -80,7 +80,7 @@ def calibrate(
             opt.zero_grad()
             loss.backward()
             opt.step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
     finally:
         for module in sites.values():
             module.transfer = None

@@ -23,6 +23,7 @@ from tests.fixtures.tiny_lm import (  # noqa: E402
     WEIGHTS,
     TinyLM,
     batches,
+    load,
     perplexity,
     text_bytes,
 )
@@ -51,8 +52,9 @@ def main() -> None:
             elapsed = time.perf_counter() - start
             print(f"step {step} loss {loss.item():.3f} ({elapsed:.0f}s)", flush=True)
     model.eval()
+    torch.save({name: value.half() for name, value in model.state_dict().items()}, WEIGHTS)
+    model = load()  # what the tests see: the fp16-stored weights
     print(f"held-out perplexity {perplexity(model, held):.3f}")
-    torch.save(model.state_dict(), WEIGHTS)
     print(f"saved {WEIGHTS} ({WEIGHTS.stat().st_size / 1024:.0f} KiB)")
 
 
