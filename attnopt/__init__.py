@@ -2,8 +2,17 @@
 
 from attnopt import errors
 from attnopt.api import OptimizedModule, inspect, optimize
+from attnopt.calibrate import calibrate
 from attnopt.frontends.dynamo.backend import compile_report
 from attnopt.report import Report
 
-__all__ = ["OptimizedModule", "Report", "compile_report", "errors", "inspect", "optimize"]
+__all__ = [
+    "OptimizedModule",
+    "Report",
+    "calibrate",
+    "compile_report",
+    "errors",
+    "inspect",
+    "optimize",
+]
 __version__ = "0.1.0"

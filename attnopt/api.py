@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -22,7 +23,8 @@ from attnopt.frontends.dynamo.model import (
     uncompile,
     why_dynamo,
 )
-from attnopt.passes.plan import plan
+from attnopt.passes.base import default_knobs
+from attnopt.passes.plan import applicable, check_variants, plan
 from attnopt.report import NearMissReport, Report, SiteReport
 from attnopt.rewriter.canonicalize import canonicalize
 from attnopt.rewriter.capture import Capture, Inputs, capture, check_outputs, check_signature
@@ -146,7 +148,10 @@ def optimize(
     *,
     variants: tuple[str, ...] = ("exact",),
     target: str = "auto",
-    tolerance: float | None = None,
+    tolerance: float | dict | None = None,
+    calibration: Iterable | None = None,
+    search: bool = False,
+    search_trials: int = 30,
     tune: bool = False,
     storage: str | None = None,
     trials: int = 40,
@@ -157,6 +162,12 @@ def optimize(
 
     Each site is checked against the original on ``example_inputs``; sites outside
     ``tolerance`` (default: per dtype, see ``attnopt.validate``) are restored and reported.
+    With approximate ``variants`` (``linear``, ``gla``, ``hybrid``, ...) or a ``tolerance`` dict
+    of metrics (``cos``, ``rel_l1``, ``rmse``, ``model_rel_l1``), each site keeps the first
+    variant within that error budget on the ``calibration`` batches (an iterable of example
+    inputs; default the example), and the model output must fit too (``attnopt.budget``).
+    ``search=True`` instead lets an Optuna study pick each site's variant and knobs for time and
+    error (``search_trials`` plans; ``attnopt.search``); the report gives its Pareto front.
     Kernels launch with the best config stored for each site's signature in the tuning
     database ``storage`` (an Optuna storage URL; default: a SQLite file in the user cache);
     ``tune=True`` first tunes them (``trials`` per signature). The result has
@@ -186,7 +197,16 @@ def optimize(
     reference = _reference(model, inputs)
     lap("reference")
     why = why_dynamo(model, inputs, reference, versions) if capture == "auto" else None
+    passes = check_variants(variants)
+    budgeted = search or isinstance(tolerance, dict) or any(p.approximate for p in passes)
     if capture == "dynamo" or why is not None:
+        if budgeted:
+            raise AttnoptError(
+                "approximate variants, error budgets and search are validated on one exported "
+                f"graph, and this model goes through Dynamo ({why or 'capture=dynamo'}); use "
+                "variants=('exact',), or capture='export' on a call without caches (for a "
+                "Hugging Face model: use_cache=False)"
+            )
         report = Report(
             model=type(model).__name__,
             capture="dynamo",
@@ -214,6 +234,24 @@ def optimize(
     lap("capture+detect")
     report = _base_report(model, captured, found, resolved.name)
     gm = captured.gm
+    if budgeted:
+        optimized = _optimize_budgeted(
+            model,
+            inputs,
+            reference,
+            (gm, view, found.sites, report),
+            resolved,
+            variants,
+            tolerance,
+            calibration,
+            search,
+            search_trials,
+            (tune, storage, trials),
+        )
+        lap("choose+validate")
+        timings["total"] = time.perf_counter() - start
+        report.seconds = timings
+        return optimized
     splices: list[tuple[SiteReport, Splice]] = []
     for choice, site_report in zip(
         plan(found.sites, variants, resolved), report.sites, strict=True
@@ -283,6 +321,69 @@ def _validate_model(
             site_report.reason = (
                 f"model output error {report.output_error:.2e} above {model_tol:.0e}"
             )
+
+
+def _optimize_budgeted(
+    model,
+    inputs,
+    reference,
+    graph,
+    target,
+    variants,
+    tolerance,
+    calibration,
+    search,
+    search_trials,
+    tuning,
+) -> OptimizedModule:
+    """Choose each site's variant within the error budget (or by search), then report."""
+    from attnopt.budget import Budget, SitePlan, calibration_inputs, choose
+
+    gm, view, sites, report = graph
+    budget = Budget.of(tolerance)
+    batches = calibration_inputs(calibration, inputs)
+    with torch.no_grad():
+        references = [model(*b.args, **b.kwargs) for b in batches]
+    plans = []
+    for site, site_report in zip(sites, report.sites, strict=True):
+        passes, reasons = applicable(site, variants, target)
+        candidates = [(p, default_knobs(p)) for p in passes]
+        plans.append(SitePlan(site, site_report, candidates))
+        if not passes:
+            site_report.status, site_report.reason = "skipped", "; ".join(reasons)
+
+    def exact_limit(dtype: str | None) -> float:
+        return tolerance_for(getattr(torch, dtype or "float32"), budget.exact)
+
+    if search:
+        from attnopt.search import search_plans
+
+        report.model_metrics, report.pareto = search_plans(
+            gm, view, plans, batches, references, budget, exact_limit, search_trials
+        )
+    else:
+        report.model_metrics = choose(gm, view, plans, batches, references, budget, exact_limit)
+    report.budget = budget.as_dict()
+    for p in plans:
+        if p.live is None:
+            if p.candidates:
+                p.report.status = "restored"
+                p.report.reason = "no allowed variant within the budget"
+            continue
+        chosen, knobs = p.current
+        p.report.status, p.report.variant = "rewritten", chosen.name
+        p.report.max_error = p.metrics.get("max_error")
+        if chosen.approximate:
+            module = type(gm.get_submodule(p.live.op_call.target))
+            p.report.kernel = f"{module.__module__}.{module.__name__}({chosen.name})"
+            p.report.config = ", ".join(f"{k}={v}" for k, v in knobs.items())
+        else:
+            _configure_kernel(p.report, p.report.kernel_signature, target, *tuning)
+    finish(gm)
+    optimized = OptimizedModule(gm, report)
+    with torch.no_grad():
+        report.output_error = compare_outputs(optimized(*inputs.args, **inputs.kwargs), reference)
+    return optimized
 
 
 def _configure_kernel(

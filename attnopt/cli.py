@@ -2,6 +2,7 @@
 
     attnopt inspect MODEL.onnx
     attnopt convert IN.onnx -o OUT.onnx [--variant exact] [--no-check] [--dim seq=512] [--json]
+    attnopt report REPORT.json [--plot front.png]
 
 Each command is a plain function registered on ``app``; a new one (``tune``, ``bench``) is one
 more ``@app.command()`` or ``app.command("tune")(tune_command)``. ``_one_line_errors`` turns
@@ -155,6 +156,41 @@ def convert(
     report.print(console)
     console.print(_summary(report))
     console.print(f"wrote {output}")
+
+
+@app.command("report")
+@_one_line_errors
+def report_command(
+    path: Annotated[Path, typer.Argument(help="a report saved as JSON (Report.to_json())")],
+    plot: Annotated[
+        Path | None, typer.Option("--plot", help="draw the search's Pareto front to this image")
+    ] = None,
+) -> None:
+    """Show a saved report; with --plot, draw time vs model error of its Pareto front."""
+    import json as json_module
+
+    try:
+        data = json_module.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise AttnoptError(f"{path}: not a readable JSON report ({err})") from None
+    pareto = data.get("pareto") or []
+    console = Console()
+    table = Table(title=f"attnopt report: {data.get('model', '?')}")
+    for column in ("site", "variant", "status", "trials"):
+        table.add_column(column, overflow="fold")
+    for site in data.get("sites", []):
+        tried = ", ".join(f"{t['variant']}: {t['decision']}" for t in site.get("trials", []))
+        table.add_row(site["location"], site.get("variant") or "-", site["status"], tried)
+    console.print(table)
+    for point in pareto:
+        console.print(
+            f"pareto trial {point['trial']}: {point['ms']:.3f} ms, "
+            f"model rel_l1 {point['model_rel_l1']:.3e}"
+        )
+    if plot is not None:
+        from attnopt.plot import plot_pareto
+
+        console.print(f"wrote {plot_pareto(pareto, plot, data.get('model', ''))}")
 
 
 def _register_tune() -> None:

@@ -14,6 +14,16 @@ from attnopt.codegen.signature import KernelSignature
 
 
 @dataclass
+class VariantTrial:
+    """One variant (with its knobs) measured at a site on the calibration batches."""
+
+    variant: str
+    knobs: dict
+    metrics: dict[str, float]  # cos, rel_l1, rmse, max_error
+    decision: str  # "kept", "rejected: <why>" or "backed off: <why>"
+
+
+@dataclass
 class SiteReport:
     location: str
     signature: str
@@ -27,6 +37,7 @@ class SiteReport:
     reason: str | None = None
     kernel_signature: KernelSignature | None = None  # at the example's sizes, for tuning
     graph: int | None = None  # index into Report.graphs when the front end hands several
+    trials: list[VariantTrial] = field(default_factory=list)  # with an error budget
 
 
 @dataclass
@@ -75,6 +86,9 @@ class Report:
     seconds: dict[str, float] = field(default_factory=dict)
     latency_ms: dict[str, float] = field(default_factory=dict)  # e.g. before/after a conversion
     graphs: list[GraphReport] = field(default_factory=list)  # Dynamo: one per compiled graph
+    budget: dict[str, float] = field(default_factory=dict)  # approximate variants' error budget
+    model_metrics: dict[str, float] = field(default_factory=dict)  # on the calibration batches
+    pareto: list[dict] = field(default_factory=list)  # search=True: plans on the front
 
     def add_graph(self, kind: str, sites: list[SiteReport], near_misses: list) -> GraphReport:
         """Record one more captured graph; its sites join ``sites`` tagged with its index."""
@@ -111,6 +125,34 @@ class Report:
             )
         return table
 
+    def trials_table(self) -> Table:
+        table = Table(title="variants tried per site (calibration batches)")
+        for column in ("site", "variant", "knobs", "cos", "rel_l1", "rmse", "decision"):
+            table.add_column(column, overflow="fold")
+        for site in self.sites:
+            for trial in site.trials:
+                m = trial.metrics
+                knobs = ", ".join(f"{k}={v}" for k, v in trial.knobs.items())
+                cells = (f"{m['cos']:.5f}", f"{m['rel_l1']:.3e}", f"{m['rmse']:.3e}")
+                table.add_row(
+                    *map(escape, (site.location, trial.variant, knobs, *cells)),
+                    escape(trial.decision),
+                )
+        return table
+
+    def pareto_table(self) -> Table:
+        table = Table(title="search: Pareto front (time vs model error)")
+        for column in ("trial", "ms", "model rel_l1", "plan"):
+            table.add_column(column, overflow="fold")
+        for point in self.pareto:
+            table.add_row(
+                str(point["trial"]),
+                f"{point['ms']:.3f}",
+                f"{point['model_rel_l1']:.3e}",
+                escape("; ".join(point["plan"])),
+            )
+        return table
+
     def print(self, console: Console | None = None) -> None:
         console = console or Console()
         console.print(self.table())
@@ -122,6 +164,13 @@ class Report:
             console.print(f"graph {graph.index} ({graph.kind}): {done} site(s) rewritten: {where}")
         for note in self.notes:
             console.print(f"note: {note}")
+        if any(site.trials for site in self.sites):
+            console.print(self.trials_table())
+        if self.model_metrics:
+            parts = ", ".join(f"{k} {v:.4g}" for k, v in self.model_metrics.items())
+            console.print(f"model output on calibration batches: {parts} (budget {self.budget})")
+        if self.pareto:
+            console.print(self.pareto_table())
         if self.output_error is not None:
             console.print(f"model output max error vs original: {self.output_error:.3e}")
         if self.latency_ms:

@@ -26,6 +26,12 @@ For each shape (batch, heads, n, head_dim, causal, kv_heads) one process times t
 ``--backend`` names in the registry for the device, ``F.scaled_dot_product_attention`` (its default
 backend) and eager matmul-softmax-matmul. Median of timed runs after warm-up: ``do_bench`` on CUDA,
 ``torch.utils.benchmark`` on CPU. ``--json`` writes the rows, ``--plot`` draws TFLOP/s against n.
+
+    python benchmarks/bench_attention.py --variant linear --device cpu --n 4096 16384
+
+Approximate variants (``linear``, ``gla``, ``hybrid``) time the rewritten site's module (the
+kernel it dispatches to for the device) against causal SDPA on the same random q, k, v, with
+the measured error against SDPA's output beside each speed (cos and rel_l1).
 """
 
 from __future__ import annotations
@@ -340,9 +346,49 @@ def _cpu_isa() -> str:
     return next((level for level, (_, width) in CPU_LEVELS.items() if width == bits), f"{bits}-bit")
 
 
+def bench_variant(args, device: str, dtype, measure) -> None:
+    """Time an approximate variant's site module against causal SDPA, error beside each speed."""
+    from attnopt.passes.linear import LinearSite
+
+    table = Table(title=f"{args.variant} vs SDPA (causal) on {device}, {str(dtype)[6:]}")
+    for column in ("n", "heads", "d", "feature map", "ms", "SDPA ms", "× SDPA", "cos", "rel_l1"):
+        table.add_column(column)
+    heads, d = args.heads, (args.d or [64])[0]
+    attrs = {"scale": d**-0.5, "causal": True, "window": 0, "fill": float("-inf"), "kv_group": 1}
+    knobs = {"feature_map": args.feature_map, "feature_dim": 0, "chunk": 64, "window": 64}
+    site = LinearSite(args.variant, attrs, heads, d, knobs).to(device)
+    for n in args.n or [4096, 16384]:
+        gen = torch.Generator().manual_seed(0)
+        q, k, v = (torch.randn(1, heads, n, d, generator=gen).to(device, dtype) for _ in range(3))
+        with torch.no_grad():
+            ref = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            out = site(q, k, v, None)
+            ms = measure(lambda q=q, k=k, v=v: site(q, k, v, None))
+            sdpa_ms = measure(
+                lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            )
+        a, b = out.double().flatten(), ref.double().flatten()
+        cos = F.cosine_similarity(a, b, dim=0).item()
+        rel_l1 = ((a - b).abs().sum() / b.abs().sum()).item()
+        cells = (
+            n,
+            heads,
+            d,
+            args.feature_map,
+            f"{ms:.2f}",
+            f"{sdpa_ms:.2f}",
+            f"{sdpa_ms / ms:.2f}",
+        )
+        table.add_row(*map(str, cells), f"{cos:.4f}", f"{rel_l1:.3e}")
+        Console().print(table)  # after each n, so a long run shows progress
+
+
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=["cuda", "cpu"], default=None)
+    parser.add_argument("--variant", choices=["exact", "linear", "gla", "hybrid"], default="exact")
+    parser.add_argument("--feature-map", choices=["elu", "relu", "hedgehog"], default="elu")
+    parser.add_argument("--heads", type=int, default=4, help="heads (approximate variants)")
     parser.add_argument("--backend", default=None, help="registered kernel name (default: best)")
     parser.add_argument("--dtype", choices=list(DTYPES), default=None)
     parser.add_argument("--n", type=int, nargs="+", default=None, help="sequence lengths")
@@ -386,9 +432,12 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = DTYPES[args.dtype or ("bf16" if device == "cuda" else "fp32")]
+    measure = timer(device, args.warmup, args.rep)
+    if args.variant != "exact":
+        bench_variant(args, device, dtype, measure)
+        return
     decode_name = {"cpu": "tvm_decode", "cuda": "triton_decode"}[device]
     kernel = find_kernel(args.backend or (decode_name if args.decode else None), device)
-    measure = timer(device, args.warmup, args.rep)
     if args.decode:
         shapes = decode_shapes(device, args.cache, args.queries, args.d)
     else:

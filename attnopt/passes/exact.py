@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from attnopt.passes.base import Replacement, register_pass
+from attnopt.passes.base import Replacement, register_pass, site_attrs
 from attnopt.rewriter.site import AttentionSite
 from attnopt.targets import Target
 
@@ -11,20 +11,12 @@ from attnopt.targets import Target
 class ExactPass:
     name = "exact"
     approximate = False
+    knobs: dict[str, tuple] = {}
 
     def applies(self, site: AttentionSite, target: Target) -> str | None:
         if site.dropout_p > 0:
             return f"dropout p={site.dropout_p} in training is not reproduced by the fused op"
         return None
 
-    def replacement(self, site: AttentionSite) -> Replacement:
-        return Replacement(
-            op="attnopt::attention",
-            attrs={
-                "scale": float(site.scale),
-                "causal": site.causal,
-                "window": int(site.window),
-                "fill": float(site.fill),
-                "kv_group": int(site.kv_group),
-            },
-        )
+    def replacement(self, site: AttentionSite, **knobs) -> Replacement:
+        return Replacement(op="attnopt::attention", attrs=site_attrs(site))

@@ -17,20 +17,33 @@ class Choice:
     reasons: list[str]
 
 
-def plan(sites: list[AttentionSite], variants: tuple[str, ...], target: Target) -> list[Choice]:
-    """For each site, the first allowed pass that applies, with the reasons the others did not."""
+def check_variants(variants: tuple[str, ...]) -> list[Pass]:
     unknown = [v for v in variants if v not in PASSES]
     if unknown:
         known = ", ".join(sorted(PASSES))
         raise AttnoptError(f"unknown variant(s) {unknown}; available now: {known}")
+    return [PASSES[v] for v in variants]
+
+
+def applicable(
+    site: AttentionSite, variants: tuple[str, ...], target: Target
+) -> tuple[list[Pass], list[str]]:
+    """The allowed passes that apply to ``site`` in preference order, and why the others not."""
+    passes, reasons = [], []
+    for p in check_variants(variants):
+        why_not = p.applies(site, target)
+        if why_not is None:
+            passes.append(p)
+        else:
+            reasons.append(f"{p.name}: {why_not}")
+    return passes, reasons
+
+
+def plan(sites: list[AttentionSite], variants: tuple[str, ...], target: Target) -> list[Choice]:
+    """For each site, the first allowed pass that applies, with the reasons the others did not."""
+    check_variants(variants)
     choices = []
     for site in sites:
-        reasons, chosen = [], None
-        for name in variants:
-            why_not = PASSES[name].applies(site, target)
-            if why_not is None:
-                chosen = PASSES[name]
-                break
-            reasons.append(f"{name}: {why_not}")
-        choices.append(Choice(site, chosen, reasons))
+        passes, reasons = applicable(site, variants, target)
+        choices.append(Choice(site, passes[0] if passes else None, reasons))
     return choices

@@ -37,10 +37,12 @@ class Splice:
         self.new.replace_all_uses_with(self.old)
 
     def remove(self) -> None:
-        """Restore the site and erase what the splice inserted, so none of it runs."""
+        """Restore the site and erase what the splice inserted, so none of it runs (a discarded
+        candidate must not keep running while the next one is measured)."""
         self.restore()
         for node in reversed(self.created):
             node.graph.erase_node(node)
+        self.created = []
 
 
 def _resolve_op(name: str) -> Any:
@@ -114,20 +116,25 @@ def splice(
         v = _cast(graph, _value(graph, view, site.v), view.dtype(site.v.source), site.dtype)
         mask = _mask(graph, view, site)
         attrs = replacement.attrs
-        call = graph.call_function(
-            _resolve_op(replacement.op),
-            (
-                q,
-                k,
-                v,
-                mask,
-                attrs["scale"],
-                attrs["causal"],
-                attrs["window"],
-                attrs["fill"],
-                attrs["kv_group"],
-            ),
-        )
+        if replacement.module is not None:
+            name = _free_name(gm)
+            gm.add_submodule(name, replacement.module)
+            call = graph.call_module(name, (q, k, v, mask))
+        else:
+            call = graph.call_function(
+                _resolve_op(replacement.op),
+                (
+                    q,
+                    k,
+                    v,
+                    mask,
+                    attrs["scale"],
+                    attrs["causal"],
+                    attrs["window"],
+                    attrs["fill"],
+                    attrs["kv_group"],
+                ),
+            )
         new = call
         if site.output_perm is not None:
             new = graph.call_function(aten.permute.default, (new, list(site.output_perm)))
@@ -150,8 +157,22 @@ def _is_impure(node: fx.Node) -> bool:
     return node.is_impure()
 
 
+SITE_PREFIX = "attnopt_site_"  # submodules holding approximate sites' weights
+
+
+def _free_name(gm: fx.GraphModule) -> str:
+    index = 0
+    while hasattr(gm, f"{SITE_PREFIX}{index}"):
+        index += 1
+    return f"{SITE_PREFIX}{index}"
+
+
 def finish(gm: fx.GraphModule) -> None:
-    """Drop what the spliced sites left dead and regenerate the module's code."""
+    """Drop what the spliced sites left dead (site modules included) and regenerate the code."""
     gm.graph.eliminate_dead_code(is_impure_node=_is_impure)
+    called = {n.target for n in gm.graph.nodes if n.op == "call_module"}
+    for name, _ in list(gm.named_children()):
+        if name.startswith(SITE_PREFIX) and name not in called:
+            delattr(gm, name)
     gm.graph.lint()
     gm.recompile()

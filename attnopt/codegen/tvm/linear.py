@@ -11,7 +11,7 @@ state ``S = Σ φ(k) vᵀ`` (Dk × Dv) and the normaliser ``z = Σ φ(k)`` in fp
 Without ``causal`` the state sums every key first and ``out_c = Q_c S / (Q_c z + eps)``. Inner
 loops are vectorised over the value dim, and over keys for ``Q_c K_cᵀ`` (from a transposed copy
 of ``K_c``). Shapes are symbolic: one compiled kernel per (head dims, dtype, config, target).
-Not wired into a pass yet.
+Registered for the ``linear`` pass through ``codegen/linear_ops.py`` (ungated calls only).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import torch
 
 from attnopt.autotune.runtime import config_for
 from attnopt.autotune.space import Config, ConfigSpace
+from attnopt.codegen.registry import Kernel, register_kernel
 from attnopt.codegen.signature import KernelSignature
 from attnopt.codegen.tvm import cache
 from attnopt.codegen.tvm.exact import DTYPES, HALF_ISAS
@@ -240,3 +241,34 @@ def forward(
     out = q.new_empty(*q.shape[:3], dv)
     function(q, k, v, out, int(causal), eps)
     return out
+
+
+# ----------------------------------------------------------------------------- registration
+
+MIN_TOKENS = 8192  # below this (batch·heads·n) a first compile costs more than the eager form
+
+
+def _supports_linear(fq, fk, v, log_alpha, causal: bool) -> str | None:
+    if log_alpha is not None:
+        return "the TVM kernel has no gates yet"
+    if fq.dim() == 4 and fq.shape[0] * fq.shape[1] * fq.shape[2] < MIN_TOKENS:
+        return f"fewer than {MIN_TOKENS} query tokens over batch and heads: eager is cheaper"
+    return _contract(fq, fk, v, causal)
+
+
+def _forward_linear(fq, fk, v, log_alpha, *, causal: bool, chunk: int) -> torch.Tensor:
+    """The ``linear_ops`` contract (the tuned or default chunk, not the pass's)."""
+    del log_alpha, chunk  # excluded by _supports_linear; the config space owns the chunk
+    return forward(fq, fk, v, causal=causal, eps=1e-6)
+
+
+TVM_LINEAR = register_kernel(
+    Kernel(
+        variant="linear",
+        device_type="cpu",
+        name="tvm",
+        forward=_forward_linear,
+        supports=_supports_linear,
+        priority=10,
+    )
+)

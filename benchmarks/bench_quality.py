@@ -1,0 +1,88 @@
+"""The quality fixture (tests/fixtures/tiny_lm.py) with each linear-family variant: held-out
+perplexity, site error and tokens/s, before and after ``attnopt.calibrate``.
+
+    python benchmarks/bench_quality.py [--steps 100] [--variants linear gla hybrid]
+
+Every site is forced to the variant (no exact fallback, a budget nothing fails) so the table
+shows the variant's own quality (default knobs: hedgehog feature map, window 64); ``exact`` is
+the original model. Held-out text: fractions.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the fixture lives under tests/
+import attnopt  # noqa: E402
+from attnopt.calibrate import site_errors  # noqa: E402
+from tests.fixtures.tiny_lm import (  # noqa: E402
+    HELD_OUT_FILES,
+    TRAIN_FILES,
+    batches,
+    load,
+    perplexity,
+    text_bytes,
+)
+
+ANYTHING = {"cos": -1.0, "rel_l1": 1e9}  # keep the variant whatever its error
+
+
+def tokens_per_s(model, tokens: torch.Tensor, repeats: int = 5) -> float:
+    with torch.no_grad():
+        model(tokens)
+        start = time.perf_counter()
+        for _ in range(repeats):
+            model(tokens)
+    return repeats * tokens.numel() / (time.perf_counter() - start)
+
+
+def mean_rel_l1(errors: dict) -> float:
+    return sum(e["rel_l1"] for e in errors.values()) / len(errors)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--steps", type=int, default=100, help="calibration steps")
+    parser.add_argument("--variants", nargs="+", default=["linear", "gla", "hybrid"])
+    args = parser.parse_args()
+    train, held = text_bytes(TRAIN_FILES), text_bytes(HELD_OUT_FILES)
+    cal = [(b,) for b in batches(train, 4, 128, 8, seed=7)]
+    evaluate = [(b,) for b in batches(held, 2, 128, 8, seed=9)]
+    timing = batches(held, 1, 128, 8, seed=11)[0]
+    model = load()
+    table = Table(title="quality fixture (byte LM, 2 layers, d=64) on held-out fractions.py")
+    for column in ("variant", "ppl", "site rel_l1", "tokens/s", f"ppl after {args.steps} steps",
+                   "site rel_l1 after", "transfer loss first→last"):  # fmt: skip
+        table.add_column(column)
+    exact = (f"{perplexity(model, held):.3f}", "0", f"{tokens_per_s(model, timing):.0f}")
+    table.add_row("exact", *exact, "-", "-", "-")
+    for variant in args.variants:
+        opt = attnopt.optimize(
+            model, cal[0], variants=(variant,), tolerance=ANYTHING, calibration=cal
+        )
+        before = site_errors(opt, evaluate)
+        ppl = perplexity(opt, held)
+        speed = tokens_per_s(opt, timing)
+        losses = attnopt.calibrate(opt, cal, steps=args.steps)
+        after = site_errors(opt, evaluate)
+        table.add_row(
+            variant,
+            f"{ppl:.3f}",
+            f"{mean_rel_l1(before):.3e}",
+            f"{speed:.0f}",
+            f"{perplexity(opt, held):.3f}",
+            f"{mean_rel_l1(after):.3e}",
+            f"{losses[0]:.2e}→{losses[-1]:.2e}",
+        )
+    Console().print(table)
+
+
+if __name__ == "__main__":
+    main()
