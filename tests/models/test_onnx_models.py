@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from attnopt.errors import OnnxModelError
 from tests.models.test_transformers import BATCH, MODELS, SEQ
 from tests.onnx_helpers import check_conversion, export
 
@@ -21,7 +22,14 @@ DYNAMIC = {
 }
 #: The TorchScript exporter cannot export transformers' packed-sequence check (``aten::diff``),
 #: which runs only when no attention mask is given.
-NEEDS_MASK = {"gpt2", "llama_gqa"}
+NEEDS_MASK = {"gpt2", "llama_gqa", "falcon_alibi"}
+#: Exports onnxruntime itself cannot load (Falcon's ALiBi slopes: the dynamo exporter writes a
+#: ``Mul`` onnxruntime's CPU provider has no kernel for, the TorchScript one a complex128 ``Mul``):
+#: nothing for attnopt to convert; the test checks the error names it.
+ORT_CANNOT_LOAD = {("falcon_alibi", "dynamo"), ("falcon_alibi", "torchscript")}
+#: Sites found but left unfused in ONNX, with the reason the report gives (open work: Bloom's
+#: ALiBi mask is added to a 3-D view of the scores whose sizes the export leaves symbolic).
+NOT_FUSED = {"bloom": "a mask applied to a view of the scores of unknown sizes"}
 
 
 @pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
@@ -36,6 +44,14 @@ def test_model_converted_and_equivalent(name: str, exporter: str, tmp_path) -> N
     export(model.eval(), inputs, path, dynamo=exporter == "dynamo", opset=18, dynamic=dynamic)
     dims = {"batch": BATCH, "seq": SEQ, "dec_seq": SEQ // 2}
     dims = {k: v for k, v in dims.items() if any(k in d.values() for d in dynamic.values())}
+    if (name, exporter) in ORT_CANNOT_LOAD:
+        with pytest.raises(OnnxModelError, match="onnxruntime cannot load the original model"):
+            check_conversion(path, dims, sites)
+        pytest.skip(f"onnxruntime cannot load the {exporter} exporter's {name} model")
+    if name in NOT_FUSED:
+        report = check_conversion(path, dims, sites, rewritten=0)
+        assert all(NOT_FUSED[name] in s.reason for s in report.sites), report.to_json()
+        return
     report = check_conversion(path, dims, sites)
     kernels = {s.kernel for s in report.sites}
     expected = "GroupQueryAttention" if name == "llama_gqa" else "MultiHeadAttention"
