@@ -148,13 +148,44 @@ def splice(
 def _is_impure(node: fx.Node) -> bool:
     """Seeded-random ops (SDPA, dropout) count as pure here: a replaced site's dead original
     must go, and its randomness is not observable once nothing reads it. So does an in-place
-    op (``masked_fill_``) on a tensor nothing else reads: its mutation is invisible."""
+    op (``masked_fill_``) on a fresh tensor nothing else reads: its mutation is invisible. An
+    in-place write to a graph input, a buffer or a view (a KV cache's ``index_copy_``) stays,
+    even when the attention that read its result has been replaced."""
+    mutated = _mutated_operand(node)
+    if mutated is not None:
+        fresh = isinstance(mutated, fx.Node) and mutated.op in ("call_function", "call_method")
+        fresh = fresh and _target_name(mutated) not in _VIEWS
+        return not (fresh and list(mutated.users) == [node])
     if node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload):
-        if not node.target._schema.is_mutable:
-            return False
-        mutated = node.args[0] if node.args else None
-        return not (isinstance(mutated, fx.Node) and list(mutated.users) == [node])
+        return False
     return node.is_impure()
+
+
+_VIEWS = {
+    "view", "reshape", "slice", "select", "getitem", "transpose", "permute", "expand", "narrow",
+    "unsqueeze", "squeeze", "as_strided", "t", "flatten", "unflatten", "split", "chunk", "alias",
+    "view_as", "expand_as", "diagonal", "unfold", "contiguous", "detach", "type_as", "to",
+}  # fmt: skip
+
+
+def _target_name(node: fx.Node) -> str:
+    target = node.target
+    if isinstance(target, torch._ops.OpOverload):
+        return target._schema.name.split("::")[-1]
+    name = target if isinstance(target, str) else getattr(target, "__name__", "")
+    return name.strip("_")
+
+
+def _mutated_operand(node: fx.Node) -> object | None:
+    """The tensor an in-place op writes (its first argument), or None for other nodes."""
+    if node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload):
+        mutable = node.target._schema.is_mutable
+    elif node.op in ("call_function", "call_method"):
+        name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+        mutable = name.endswith("_") and not name.startswith("_")
+    else:
+        return None
+    return (node.args[0] if node.args else None) if mutable else None
 
 
 SITE_PREFIX = "attnopt_site_"  # submodules holding approximate sites' weights

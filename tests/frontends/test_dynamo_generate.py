@@ -171,3 +171,19 @@ def test_interface_of_the_optimized_model(tmp_path) -> None:
         torch.testing.assert_close(reloaded(ids).logits, model(ids).logits)
     # the original model is left as it was: no compiled call, no report
     assert model._compiled_call_impl is None and not hasattr(model, "attnopt_report")
+
+
+def test_static_cache_generate_matches(op_calls) -> None:
+    """``cache_implementation="static"``: the cache is preallocated at full length and masked, so
+    every decode call reads the whole cache, its unwritten tail masked out."""
+    model = llama_gqa()
+    ids = torch.randint(1, VOCAB, (2, PROMPT))
+    static = dict(do_sample=False, cache_implementation="static")
+    expected = _generate(model, ids, **static)
+    optimized = _optimize(model, ids)
+    op_calls.clear()
+    got = _generate(optimized, ids, **static)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    decode = [m for n, m in op_calls if n == 1]
+    assert len(decode) == model.config.num_hidden_layers * (NEW - 1), op_calls
+    assert len(set(decode)) == 1 and decode[0] >= PROMPT + NEW - 1  # the preallocated length
