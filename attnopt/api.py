@@ -23,14 +23,20 @@ from attnopt.frontends.dynamo.model import (
     uncompile,
     why_dynamo,
 )
+from attnopt.frontends.export.capture import (
+    Capture,
+    Inputs,
+    capture,
+    check_outputs,
+    check_signature,
+)
+from attnopt.frontends.fx.graph import graph_view
+from attnopt.frontends.fx.rewrite import Splice, finish, splice
 from attnopt.passes.base import default_knobs
 from attnopt.passes.plan import applicable, check_variants, plan
 from attnopt.report import NearMissReport, Report, SiteReport
 from attnopt.rewriter.canonicalize import canonicalize
-from attnopt.rewriter.capture import Capture, Inputs, capture, check_outputs, check_signature
 from attnopt.rewriter.detect import Detection, detect
-from attnopt.rewriter.fx_frontend import graph_view
-from attnopt.rewriter.fx_rewrite import Splice, finish, splice
 from attnopt.rewriter.graph import GraphView
 from attnopt.targets import Target, resolve
 from attnopt.validate import compare_outputs, max_error, tolerance_for
@@ -112,7 +118,7 @@ def inspect(model: nn.Module | str | os.PathLike, example_inputs: Any = None) ->
 
     ``model`` may also be the path of an ``.onnx`` file (no example inputs needed)."""
     if isinstance(model, str | os.PathLike) and str(model).endswith(".onnx"):
-        from attnopt.onnx_api import inspect as inspect_onnx
+        from attnopt.frontends.onnx.convert import inspect as inspect_onnx
 
         return inspect_onnx(model)
     _check_model(model)

@@ -18,10 +18,10 @@ import torch
 from torch import fx
 
 from attnopt.errors import AttnoptError
+from attnopt.frontends.export.capture import Inputs
+from attnopt.frontends.fx.rewrite import Splice, splice
 from attnopt.passes.base import Pass
 from attnopt.report import SiteReport, VariantTrial
-from attnopt.rewriter.capture import Inputs
-from attnopt.rewriter.fx_rewrite import Splice, splice
 from attnopt.rewriter.graph import GraphView
 from attnopt.rewriter.site import AttentionSite
 from attnopt.validate import DEFAULT_BUDGET, SITE_METRICS, ErrorSums, violations

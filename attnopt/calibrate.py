@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 from attnopt.errors import AttnoptError
+from attnopt.frontends.export.capture import Inputs
 from attnopt.passes.base import SiteModule
-from attnopt.rewriter.capture import Inputs
 from attnopt.validate import ErrorSums
 
 

@@ -105,7 +105,7 @@ def inspect(
     json: Annotated[bool, typer.Option("--json", help="print the report as JSON")] = False,
 ) -> None:
     """List the attention sites of a model, their signatures and near misses."""
-    from attnopt.onnx_api import inspect as inspect_onnx
+    from attnopt.frontends.onnx.convert import inspect as inspect_onnx
 
     report = inspect_onnx(model)
     if json:
@@ -136,7 +136,7 @@ def convert(
     json: Annotated[bool, typer.Option("--json", help="print the report as JSON")] = False,
 ) -> None:
     """Rewrite a model's attention into onnxruntime's fused ops, verify it, and time it."""
-    from attnopt.onnx_api import convert as convert_onnx
+    from attnopt.frontends.onnx.convert import convert as convert_onnx
 
     dims = _dims(dim)
     with _progress(not json) as step:

@@ -15,8 +15,8 @@ import time
 import torch
 
 from attnopt.budget import Budget, SitePlan, measure
+from attnopt.frontends.fx.rewrite import splice
 from attnopt.report import VariantTrial
-from attnopt.rewriter.fx_rewrite import splice
 
 
 def _excess(metrics: dict[str, float], limits: dict[str, float]) -> float:

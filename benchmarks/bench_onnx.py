@@ -7,7 +7,7 @@ and after (same process, same inputs), against onnxruntime's own transformers op
 ``tiny`` are the test suite's configs (2 layers, hidden 64, 4 heads), ``base`` the same
 architectures at hidden 768, 12 heads (4 kv heads for Llama), 2 layers. Every model is
 exported with the chosen exporter at opset 18, batch 1, sequence ``--seq`` (ViT: the image
-size giving about that many patches), converted by ``attnopt.onnx_api.convert`` (verified)
+size giving about that many patches), converted by ``attnopt.frontends.onnx.convert.convert``
 and optimized by ``onnxruntime.transformers.optimizer.optimize_model``; all three graphs are
 timed with the same inputs in the same run, taking turns (median over ``--seconds``).
 
@@ -36,8 +36,9 @@ import transformers
 from rich.console import Console
 from rich.table import Table
 
-from attnopt import onnx_inputs, onnx_verify
-from attnopt.onnx_api import convert
+from attnopt.frontends.onnx import inputs as onnx_inputs
+from attnopt.frontends.onnx import verify as onnx_verify
+from attnopt.frontends.onnx.convert import convert
 
 FUSED = {"Attention", "MultiHeadAttention", "GroupQueryAttention", "PackedAttention"}
 #: optimum config model types onnxruntime's optimizer fuses: its type, heads and hidden keys

@@ -17,8 +17,8 @@ import onnxruntime as ort
 import torch
 import torch.nn as nn
 
-from attnopt.onnx_api import convert
-from attnopt.onnx_inputs import random_feeds
+from attnopt.frontends.onnx.convert import convert
+from attnopt.frontends.onnx.inputs import random_feeds
 from attnopt.report import Report
 
 FUSED = {"Attention", "MultiHeadAttention", "GroupQueryAttention"}

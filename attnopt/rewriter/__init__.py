@@ -1,1 +1,2 @@
-"""Front ends, the GraphView every detector reads, canonicalization and detection."""
+"""The shared core every front end feeds: the GraphView, canonicalization, detection and the
+canonical attention site."""

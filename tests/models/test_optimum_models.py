@@ -17,8 +17,8 @@ import onnxruntime as ort
 import pytest
 from typer.testing import CliRunner
 
-from attnopt import onnx_inputs
 from attnopt.cli import app
+from attnopt.frontends.onnx import inputs as onnx_inputs
 from tests.onnx_helpers import fused_ops
 
 EXPORTS = Path(__file__).parents[1] / "fixtures" / "optimum"

@@ -17,12 +17,12 @@ import torch
 from torch import fx
 
 from attnopt.errors import AttnoptError
+from attnopt.frontends.fx.graph import graph_view
+from attnopt.frontends.fx.rewrite import finish, splice
 from attnopt.passes.plan import plan
 from attnopt.report import GraphReport, NearMissReport, Report, SiteReport
 from attnopt.rewriter.canonicalize import canonicalize
 from attnopt.rewriter.detect import detect
-from attnopt.rewriter.fx_frontend import graph_view
-from attnopt.rewriter.fx_rewrite import finish, splice
 from attnopt.targets import resolve
 
 INNER_BACKENDS = ("inductor", "aot_eager", "eager")

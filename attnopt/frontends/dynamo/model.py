@@ -19,8 +19,8 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from attnopt.frontends.dynamo.backend import attnopt_backend
+from attnopt.frontends.export.capture import Inputs
 from attnopt.report import Report
-from attnopt.rewriter.capture import Inputs
 
 _PLAIN = (torch.Tensor, int, float, bool, type(None))
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import onnx
 from onnx import helper
 
-from attnopt.rewriter.onnx_rewrite import Lowering
+from attnopt.frontends.onnx.rewrite import Lowering
 
 
 @dataclass

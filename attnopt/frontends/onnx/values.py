@@ -20,7 +20,7 @@ import sympy
 from onnx import numpy_helper
 from onnx.reference import ReferenceEvaluator
 
-from attnopt.rewriter.onnx_model import ShapeTable
+from attnopt.frontends.onnx.model import ShapeTable
 
 SMALL = 64  # elements: larger constants are weights or masks, never sizes or scales
 

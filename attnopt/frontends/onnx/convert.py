@@ -14,19 +14,19 @@ from pathlib import Path
 import onnx
 from onnx import helper
 
-from attnopt import onnx_inputs
-from attnopt import onnx_verify as ort_check
 from attnopt.errors import OnnxModelError
+from attnopt.frontends.onnx import inputs as onnx_inputs
+from attnopt.frontends.onnx import verify as ort_check
+from attnopt.frontends.onnx.graph import OnnxGraph, analyse
+from attnopt.frontends.onnx.model import Loaded, load, save
+from attnopt.frontends.onnx.model import check as check_model
+from attnopt.frontends.onnx.rewrite import NotExpressible, lower
+from attnopt.frontends.onnx.splice import Splice, finish, restore, splice
+from attnopt.frontends.onnx.splice import unused as unused_values
 from attnopt.passes.plan import plan
 from attnopt.report import NearMissReport, Report, SiteReport
 from attnopt.rewriter.canonicalize import canonicalize
 from attnopt.rewriter.detect import Detection, detect
-from attnopt.rewriter.onnx_frontend import OnnxGraph, analyse
-from attnopt.rewriter.onnx_model import Loaded, load, save
-from attnopt.rewriter.onnx_model import check as check_model
-from attnopt.rewriter.onnx_rewrite import NotExpressible, lower
-from attnopt.rewriter.onnx_splice import Splice, finish, restore, splice
-from attnopt.rewriter.onnx_splice import unused as unused_values
 from attnopt.targets import TARGETS
 
 Progress = Callable[[str], None]
@@ -95,8 +95,8 @@ def convert(
     """Write ``path_in`` with its attention sites replaced by fused ops to ``path_out``.
 
     With ``check``, every site is verified in onnxruntime on random inputs (base dynamic sizes
-    from ``dims``, see ``attnopt.onnx_inputs``) and restored if it disagrees beyond ``tolerance``
-    (default: per dtype); ``latency`` also times both models in the same process.
+    from ``dims``, see ``attnopt.frontends.onnx.inputs``) and restored if it disagrees beyond
+    ``tolerance`` (default: per dtype); ``latency`` also times both models in the same process.
     """
     if Path(path_out).resolve() == Path(path_in).resolve():
         raise OnnxModelError(f"{path_out}: write the result to another file than the input")

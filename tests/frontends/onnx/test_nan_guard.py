@@ -10,7 +10,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from attnopt.onnx_api import convert
+from attnopt.frontends.onnx.convert import convert
 from tests.onnx_helpers import fused_ops
 
 B, N, S, H = 2, 2, 5, 8

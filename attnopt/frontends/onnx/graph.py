@@ -19,10 +19,10 @@ import onnx
 import torch
 from onnx import numpy_helper
 
+from attnopt.frontends.onnx.model import DTYPE_NAMES, ShapeTable, infer_shapes, opset
+from attnopt.frontends.onnx.values import Values, constant_of, known_values
 from attnopt.rewriter.einsum import einsum_as_matmul
 from attnopt.rewriter.graph import Const, GraphView
-from attnopt.rewriter.onnx_model import DTYPE_NAMES, ShapeTable, infer_shapes, opset
-from attnopt.rewriter.onnx_values import Values, constant_of, known_values
 
 #: Constants up to this many elements are read into the view (buffers such as a causal
 #: ``tril`` table are analysed by value); larger ones are weights and stay unread.

@@ -11,8 +11,8 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from attnopt import onnx_inputs
 from attnopt.errors import OnnxModelError
+from attnopt.frontends.onnx import inputs as onnx_inputs
 
 TOTAL = "past_sequence_length + sequence_length"
 VOCAB, POSITIONS = 50, 48

@@ -1,6 +1,6 @@
 """Run ONNX models in onnxruntime to check a conversion: sessions, errors, latency.
 
-The inputs they run on are ``attnopt.onnx_inputs``'s.
+The inputs they run on are ``attnopt.frontends.onnx.inputs``'s.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import onnxruntime as ort
 import torch
 
 from attnopt.errors import OnnxModelError
-from attnopt.rewriter.onnx_model import MAX_MODEL_BYTES
+from attnopt.frontends.onnx.model import MAX_MODEL_BYTES
 from attnopt.validate import max_error as _max_error
 from attnopt.validate import tolerance_for
 

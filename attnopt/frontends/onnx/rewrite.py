@@ -7,7 +7,7 @@ preference, the first fused op whose contract it meets (``FUSED_OPS``): standard
 (grouped heads, query length = key length). Transposes and ``Reshape``s with 0/-1 bring q, k, v
 into the op's layout and the result back, so dynamic sizes need no constants; masks are
 broadcast to the ``(…, S, T)`` the ops require with ``Shape``-computed sizes. Splicing the
-nodes into the model is ``onnx_splice``'s part.
+nodes into the model is ``splice``'s part.
 """
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
+from attnopt.frontends.onnx.graph import OnnxGraph
+from attnopt.frontends.onnx.model import ELEM_TYPES
 from attnopt.passes.base import Replacement
 from attnopt.rewriter.canonicalize import TracedOperand
-from attnopt.rewriter.onnx_frontend import OnnxGraph
-from attnopt.rewriter.onnx_model import ELEM_TYPES
 from attnopt.rewriter.site import AttentionSite, MaskTerm
 
 MS_DOMAIN = "com.microsoft"

@@ -13,9 +13,9 @@ import torch
 
 import attnopt
 from attnopt.errors import OnnxModelError
-from attnopt.onnx_api import convert
+from attnopt.frontends.onnx.convert import convert
+from attnopt.frontends.onnx.model import dim_expr, size_symbol
 from attnopt.passes.exact import ExactPass
-from attnopt.rewriter.onnx_model import dim_expr, size_symbol
 from tests.forms import FORMS, B, M, N
 from tests.onnx_helpers import check_conversion, export, form_inputs, fused_ops
 

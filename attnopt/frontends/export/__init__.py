@@ -1,0 +1,1 @@
+"""The torch.export front end: captures a module's forward with dynamic dims (``capture``)."""
