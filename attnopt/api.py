@@ -33,7 +33,7 @@ from attnopt.frontends.export.capture import (
 from attnopt.frontends.fx.graph import graph_view
 from attnopt.frontends.fx.rewrite import Splice, finish, splice
 from attnopt.passes.base import default_knobs
-from attnopt.passes.plan import applicable, check_variants, plan
+from attnopt.passes.plan import applicable, check_variants, plan, site_knobs
 from attnopt.report import NearMissReport, Report, SiteReport
 from attnopt.rewriter.canonicalize import canonicalize
 from attnopt.rewriter.detect import Detection, detect
@@ -158,6 +158,7 @@ def optimize(
     calibration: Iterable | None = None,
     search: bool = False,
     search_trials: int = 30,
+    knobs: dict | None = None,
     tune: bool = False,
     storage: str | None = None,
     trials: int = 40,
@@ -174,6 +175,9 @@ def optimize(
     inputs; default the example), and the model output must fit too (``attnopt.budget``).
     ``search=True`` instead lets an Optuna study pick each site's variant and knobs for time and
     error (``search_trials`` plans; ``attnopt.search``); the report gives its Pareto front.
+    ``knobs`` fixes knob values instead of the defaults (and out of the search): per variant,
+    ``{"hybrid": {"window": 64}}``, or per site, ``{"blocks.0": {"hybrid": {"window": 32}}}``
+    (a site is its report location or index; see ``attnopt.passes.plan.site_knobs``).
     Kernels launch with the best config stored for each site's signature in the tuning
     database ``storage`` (an Optuna storage URL; default: a SQLite file in the user cache);
     ``tune=True`` first tunes them (``trials`` per signature). The result has
@@ -204,7 +208,9 @@ def optimize(
     lap("reference")
     why = why_dynamo(model, inputs, reference, versions) if capture == "auto" else None
     passes = check_variants(variants)
-    budgeted = search or isinstance(tolerance, dict) or any(p.approximate for p in passes)
+    budgeted = (
+        search or bool(knobs) or isinstance(tolerance, dict) or any(p.approximate for p in passes)
+    )
     if capture == "dynamo" or why is not None:
         if budgeted:
             raise AttnoptError(
@@ -250,8 +256,7 @@ def optimize(
             variants,
             tolerance,
             calibration,
-            search,
-            search_trials,
+            (search, search_trials, knobs),
             (tune, storage, trials),
         )
         lap("choose+validate")
@@ -338,23 +343,24 @@ def _optimize_budgeted(
     variants,
     tolerance,
     calibration,
-    search,
-    search_trials,
+    searching,
     tuning,
 ) -> OptimizedModule:
     """Choose each site's variant within the error budget (or by search), then report."""
     from attnopt.budget import Budget, SitePlan, calibration_inputs, choose
 
     gm, view, sites, report = graph
+    search, search_trials, knobs = searching
+    fixed = site_knobs(knobs, variants, [s.location for s in report.sites])
     budget = Budget.of(tolerance)
     batches = calibration_inputs(calibration, inputs)
     with torch.no_grad():
         references = [model(*b.args, **b.kwargs) for b in batches]
     plans = []
-    for site, site_report in zip(sites, report.sites, strict=True):
+    for site, site_report, mine in zip(sites, report.sites, fixed, strict=True):
         passes, reasons = applicable(site, variants, target)
-        candidates = [(p, default_knobs(p)) for p in passes]
-        plans.append(SitePlan(site, site_report, candidates))
+        candidates = [(p, {**default_knobs(p), **mine.get(p.name, {})}) for p in passes]
+        plans.append(SitePlan(site, site_report, candidates, fixed=mine))
         if not passes:
             site_report.status, site_report.reason = "skipped", "; ".join(reasons)
 

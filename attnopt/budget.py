@@ -81,11 +81,13 @@ def calibration_inputs(calibration: Iterable | None, example: Inputs) -> list[In
 
 @dataclass
 class SitePlan:
-    """One site's candidates (pass, knobs) in preference order and where it stands."""
+    """One site's candidates (pass, knobs) in preference order and where it stands; ``fixed``
+    holds the knob values the user set, ``{variant: {knob: value}}``, which search keeps."""
 
     site: AttentionSite
     report: SiteReport
     candidates: list[tuple[Pass, dict]]
+    fixed: dict[str, dict] = field(default_factory=dict)
     position: int = 0
     live: Splice | None = None
     metrics: dict[str, float] = field(default_factory=dict)

@@ -45,8 +45,11 @@ def _suggest(trial, index: int, p: SitePlan) -> tuple:
     names = [c[0].name for c in p.candidates]
     name = trial.suggest_categorical(f"site{index}", names)
     chosen = next(c[0] for c in p.candidates if c[0].name == name)
+    fixed = p.fixed.get(name, {})
     knobs = {
-        knob: trial.suggest_categorical(f"site{index}.{name}.{knob}", list(choices))
+        knob: fixed[knob]
+        if knob in fixed
+        else trial.suggest_categorical(f"site{index}.{name}.{knob}", list(choices))
         for knob, choices in chosen.knobs.items()
     }
     return chosen, knobs
@@ -103,7 +106,8 @@ def search_plans(
         else:
             name = best.params[f"site{i}"]
             chosen = next(c[0] for c in p.candidates if c[0].name == name)
-            knobs = {k: best.params[f"site{i}.{name}.{k}"] for k in chosen.knobs}
+            fixed = p.fixed.get(name, {})
+            knobs = {k: fixed.get(k, best.params.get(f"site{i}.{name}.{k}")) for k in chosen.knobs}
             p.candidates.append((chosen, knobs))
             p.position = len(p.candidates) - 1
         chosen, knobs = p.current

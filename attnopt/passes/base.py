@@ -61,6 +61,24 @@ def default_knobs(p: Pass) -> dict[str, Any]:
     return {name: choices[0] for name, choices in p.knobs.items()}
 
 
+def check_knob(p: Pass, name: str, value: Any) -> str | None:
+    """None if ``value`` is a valid setting of ``p``'s knob ``name``, else why not. A knob whose
+    choices are names takes one of them; an integer knob any integer ≥ 1 (≥ 0 when 0 is among
+    its choices) that the pass's own ``check_knob`` (if any) accepts."""
+    if name not in p.knobs:
+        return f"{p.name} has no knob {name!r} (knobs: {', '.join(sorted(p.knobs)) or 'none'})"
+    choices = p.knobs[name]
+    if all(isinstance(c, str) for c in choices):
+        if value not in choices:
+            return f"{p.name} {name}={value!r}; choose one of {', '.join(choices)}"
+        return None
+    lowest = 0 if 0 in choices else 1
+    if isinstance(value, bool) or not isinstance(value, int) or value < lowest:
+        return f"{p.name} {name}={value!r}; expected an integer >= {lowest}"
+    own = getattr(p, "check_knob", None)
+    return own(name, value) if own is not None else None
+
+
 def site_attrs(site: AttentionSite) -> dict:
     """The static facts of a site every replacement needs (the exact op's attributes)."""
     return {

@@ -115,6 +115,12 @@ class _LinearFamily:
             return f"causal with {site.q_len} queries and {site.kv_len} keys (needs n == m)"
         return None
 
+    def check_knob(self, name: str, value: int) -> str | None:
+        """The chunked kernels cut sequences into power-of-two chunks (sub-chunks of 16)."""
+        if name == "chunk" and value & (value - 1):
+            return f"{self.name} chunk={value}; expected a power of two"
+        return None
+
     def replacement(self, site: AttentionSite, **knobs: Any) -> Replacement:
         chosen = {name: knobs.get(name, choices[0]) for name, choices in self.knobs.items()}
         module = LinearSite(self.name, site_attrs(site), site.heads, site.head_dim, chosen)

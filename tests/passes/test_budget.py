@@ -9,6 +9,7 @@ import torch.nn.functional as F
 import attnopt
 from attnopt.budget import Budget, BudgetError
 from attnopt.calibrate import site_modules
+from attnopt.errors import AttnoptError
 from tests.fixtures.tiny_lm import TinyLM
 
 N = 40
@@ -101,3 +102,49 @@ def test_budget_errors():
         optimize(TinyLM().eval(), tolerance={"rel_l1": 0.5}, calibration=[])
     assert Budget.of(None).site == {"cos": 0.99, "rel_l1": 0.05}
     assert Budget.of({"cos": 0.9, "model_rel_l1": 0.2}).model == {"cos": 0.9, "rel_l1": 0.2}
+
+
+def test_fixed_knobs_per_variant_and_per_site(model):
+    opt = optimize(
+        model,
+        variants=("hybrid", "exact"),
+        tolerance={"rel_l1": 0.9, "cos": 0.3},
+        knobs={
+            "hybrid": {"window": 8, "feature_map": "elu"},
+            "blocks.1": {"hybrid": {"window": 4}},
+        },
+    )
+    kept = [s.trials[-1] for s in opt.attnopt_report.sites]
+    assert [t.decision for t in kept] == ["kept", "kept"]
+    assert [t.knobs["window"] for t in kept] == [8, 4]
+    assert all(t.knobs["feature_map"] == "elu" for t in kept)
+    assert [m.window for m in site_modules(opt).values()] == [8, 4]
+
+
+def test_fixed_knobs_still_meet_the_budget(model):
+    opt = optimize(
+        model,
+        variants=("hybrid", "exact"),
+        tolerance={"rel_l1": 1e-4},
+        knobs={0: {"hybrid": {"window": 8}}},
+    )
+    first = opt.attnopt_report.sites[0]
+    assert first.trials[0].knobs["window"] == 8
+    assert first.trials[0].decision.startswith("rejected") and first.variant == "exact"
+
+
+@pytest.mark.parametrize(
+    ("knobs", "message"),
+    [
+        ({"hybrid": {"width": 8}}, "hybrid has no knob 'width'"),
+        ({"hybrid": {"feature_map": "tanh"}}, "choose one of hedgehog, elu, relu"),
+        ({"hybrid": {"window": -1}}, "expected an integer >= 1"),
+        ({"linear": {"chunk": 24}}, "expected a power of two"),
+        ({"gla": {"chunk": 16}}, "not among variants"),
+        ({"blocks.9": {"hybrid": {"window": 8}}}, "is neither a variant"),
+        ({"exact": {"window": 8}}, "exact has no knob"),
+    ],
+)
+def test_bad_knobs_are_clear_errors(model, knobs, message):
+    with pytest.raises(AttnoptError, match=message):
+        optimize(model, variants=("hybrid", "linear", "exact"), knobs=knobs)

@@ -26,6 +26,7 @@ def test_search_front_and_plot(tmp_path):
         calibration=cal,
         search=True,
         search_trials=6,
+        knobs={"linear": {"chunk": 16}},  # fixed: out of the search space
     )
     report = opt.attnopt_report
     assert report.pareto
@@ -34,12 +35,14 @@ def test_search_front_and_plot(tmp_path):
     errors = [p["model_rel_l1"] for p in report.pareto]
     assert errors == sorted(errors, reverse=True)  # a front: each faster plan is less accurate
     assert report.model_metrics["rel_l1"] <= BUDGET["rel_l1"]
+    assert any(s.variant == "linear" for s in report.sites)
     for site in report.sites:
         kept = site.trials[-1]
         assert kept.decision.startswith("kept (search")
         if kept.variant == "linear":
             assert kept.metrics["rel_l1"] <= BUDGET["rel_l1"]
             assert set(kept.knobs) == {"feature_map", "feature_dim", "chunk"}
+            assert kept.knobs["chunk"] == 16
     saved = tmp_path / "report.json"
     saved.write_text(report.to_json())
     image = tmp_path / "front.png"
