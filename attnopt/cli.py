@@ -1,6 +1,8 @@
 """The ``attnopt`` command line: one typer command per function, errors as one line.
 
     attnopt inspect MODEL.onnx
+    attnopt optimize pkg.module:factory [--variant linear --variant exact] [--tolerance rel_l1=0.05]
+        [--knob hybrid.window=64] [--search] [-o report.json] [--json]
     attnopt convert IN.onnx -o OUT.onnx [--variant exact] [--no-check] [--dim seq=512] [--json]
     attnopt report REPORT.json [--plot front.png]
 
@@ -156,6 +158,148 @@ def convert(
     report.print(console)
     console.print(_summary(report))
     console.print(f"wrote {output}")
+
+
+def _load_spec(spec: str) -> tuple:
+    """``module:factory`` (or ``path/file.py:factory``) called with no arguments, returning
+    ``(model, example_inputs)`` or ``(model, example_inputs, calibration)``."""
+    import importlib
+    import importlib.util
+    import sys
+
+    where, _, name = spec.rpartition(":")
+    if not where or not name:
+        raise AttnoptError(f"{spec!r}: expected module:factory, e.g. mypkg.models:make")
+    try:
+        if where.endswith(".py"):
+            loaded = importlib.util.spec_from_file_location(Path(where).stem, where)
+            if loaded is None or not Path(where).is_file():
+                raise ImportError(f"no file {where}")
+            module = importlib.util.module_from_spec(loaded)
+            loaded.loader.exec_module(module)
+        else:
+            if os.getcwd() not in sys.path:
+                sys.path.insert(0, os.getcwd())
+            module = importlib.import_module(where)
+    except ImportError as err:
+        raise AttnoptError(f"{spec!r}: cannot import {where} ({err})") from None
+    factory = getattr(module, name, None)
+    if not callable(factory):
+        raise AttnoptError(f"{spec!r}: {where} has no callable {name}")
+    made = factory()
+    if not isinstance(made, tuple) or len(made) not in (2, 3):
+        raise AttnoptError(
+            f"{spec!r}: the factory must return (model, example_inputs[, calibration]), "
+            f"not {type(made).__name__}"
+        )
+    return made if len(made) == 3 else (*made, None)
+
+
+def _number(text: str) -> float | int | str:
+    """An int, else a float, else the text itself (a knob such as feature_map=elu)."""
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+def _tolerance(values: list[str]) -> float | dict | None:
+    """``--tolerance 1e-3`` (exact variants) or ``--tolerance rel_l1=0.05 --tolerance cos=0.99``."""
+    if not values:
+        return None
+    if len(values) == 1 and "=" not in values[0]:
+        value = _number(values[0])
+        if isinstance(value, str):
+            raise AttnoptError(f"--tolerance {value!r}: expected a number or metric=value")
+        return float(value)
+    limits = {}
+    for text in values:
+        metric, _, value = text.partition("=")
+        number = _number(value.strip())
+        if not metric or isinstance(number, str):
+            raise AttnoptError(f"--tolerance {text!r}: expected metric=value, e.g. rel_l1=0.05")
+        limits[metric.strip()] = float(number)
+    return limits
+
+
+def _knobs(values: list[str]) -> dict:
+    """``--knob hybrid.window=64`` (every site) or ``--knob blocks.0/hybrid.window=32``."""
+    knobs: dict = {}
+    for text in values:
+        path, _, value = text.partition("=")
+        site, _, path = path.rpartition("/")
+        variant, _, knob = path.partition(".")
+        if not variant or not knob or not value:
+            raise AttnoptError(
+                f"--knob {text!r}: expected variant.knob=value or site/variant.knob=value"
+            )
+        place = knobs.setdefault(site, {}) if site else knobs
+        place.setdefault(variant, {})[knob] = _number(value.strip())
+    return knobs
+
+
+@app.command()
+@_one_line_errors
+def optimize(
+    spec: Annotated[
+        str,
+        typer.Argument(
+            help="module:factory (or file.py:factory) returning (model, example_inputs"
+            "[, calibration])"
+        ),
+    ],
+    variant: Annotated[
+        list[str], typer.Option("--variant", help="allowed variants, in order of preference")
+    ] = ["exact"],  # noqa: B006 (typer reads the default)
+    tolerance: Annotated[
+        list[str],
+        typer.Option(
+            "--tolerance",
+            help="a float, or metric=value (cos, rel_l1, rmse, model_rel_l1), repeatable",
+        ),
+    ] = [],  # noqa: B006
+    knob: Annotated[
+        list[str],
+        typer.Option("--knob", help="fix a knob: variant.knob=value or site/variant.knob=value"),
+    ] = [],  # noqa: B006
+    search: Annotated[
+        bool, typer.Option("--search", help="an Optuna study picks variants and knobs per site")
+    ] = False,
+    search_trials: Annotated[int, typer.Option("--search-trials", help="plans tried")] = 30,
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="write the report JSON here")
+    ] = None,
+    json: Annotated[bool, typer.Option("--json", help="print the report as JSON")] = False,
+) -> None:
+    """Optimize a torch model made by a Python factory; print the report, save it as JSON."""
+    import attnopt
+
+    model, example, calibration = _load_spec(spec)
+    optimized = attnopt.optimize(
+        model,
+        example,
+        variants=tuple(variant),
+        tolerance=_tolerance(tolerance),
+        calibration=calibration,
+        search=search,
+        search_trials=search_trials,
+        knobs=_knobs(knob) or None,
+    )
+    report = optimized.attnopt_report
+    if output is not None:
+        output.write_text(report.to_json())
+    if json:
+        typer.echo(report.to_json())
+        return
+    console = Console()
+    report.print(console)
+    console.print(_summary(report))
+    if output is not None:
+        console.print(f"wrote {output}")
 
 
 @app.command("report")

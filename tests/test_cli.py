@@ -118,3 +118,54 @@ def test_tune_is_a_subcommand(tmp_path) -> None:
     assert "no tuned configs" in result.output
     bad = runner.invoke(app, ["tune", "b=1,h=2,n=64,d=0"])
     assert bad.exit_code != 0 and "Traceback" not in bad.output
+
+
+def tiny_lm_spec():
+    """``attnopt optimize tests.test_cli:tiny_lm_spec``: the trained fixture, two batches."""
+    import torch
+
+    from tests.fixtures import tiny_lm
+
+    data = tiny_lm.text_bytes(tiny_lm.HELD_OUT_FILES)
+    cal = [(b,) for b in tiny_lm.batches(data, 2, 48, 2, seed=4)]
+    return tiny_lm.load(), cal[0], cal + [(torch.flip(cal[0][0], dims=[1]),)]
+
+
+def test_optimize_command_budget_and_knobs(tmp_path) -> None:
+    saved = tmp_path / "report.json"
+    args = ["optimize", "tests.test_cli:tiny_lm_spec", "--variant", "hybrid", "--variant"]
+    args += ["exact", "--tolerance", "rel_l1=0.8", "--tolerance", "cos=0.5"]
+    args += ["--knob", "hybrid.window=16", "--knob", "blocks.1/hybrid.feature_map=elu"]
+    result = runner.invoke(app, [*args, "-o", str(saved)])
+    assert result.exit_code == 0, result.output
+    assert "blocks.0" in result.output and "hybrid" in result.output
+    report = json.loads(saved.read_text())
+    assert report["budget"] == {"rel_l1": 0.8, "cos": 0.5, "model_rel_l1": 0.8, "model_cos": 0.5}
+    kept = [site["trials"][-1] for site in report["sites"]]
+    assert [t["knobs"]["window"] for t in kept] == [16, 16]
+    assert [t["knobs"]["feature_map"] for t in kept] == ["hedgehog", "elu"]
+    assert all(site["variant"] == "hybrid" for site in report["sites"])
+
+
+def test_optimize_command_search_json() -> None:
+    args = ["optimize", "tests.test_cli:tiny_lm_spec", "--variant", "linear", "--variant"]
+    args += ["exact", "--tolerance", "rel_l1=0.6", "--search", "--search-trials", "3", "--json"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert report["pareto"] and all(s["trials"] for s in report["sites"])
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["nomodule"], "expected module:factory"),
+        (["tests.no_such_module:f"], "cannot import"),
+        (["tests.test_cli:missing"], "has no callable missing"),
+        (["tests.test_cli:tiny_lm_spec", "--tolerance", "rel_l1=x"], "expected metric=value"),
+        (["tests.test_cli:tiny_lm_spec", "--knob", "window=3"], "expected variant.knob=value"),
+    ],
+)
+def test_optimize_command_bad_input(args, message) -> None:
+    result = runner.invoke(app, ["optimize", *args])
+    assert result.exit_code == 1 and message in result.output, result.output
