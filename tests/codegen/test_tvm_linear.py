@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from attnopt.codegen.reference.linear import linear_attention
+from attnopt.codegen.reference.linear import linear_attention, normalised_gla
 from attnopt.codegen.signature import KernelSignature
 from attnopt.codegen.tvm import cache
 from attnopt.codegen.tvm import linear as tvm_linear
@@ -122,3 +122,70 @@ def test_contract_errors_name_the_fix():
         tvm_linear.forward(q, k, v, causal=True)
     with pytest.raises(KernelError, match="share one of"):
         tvm_linear.forward(q.double(), k, v, causal=False)
+
+
+def gates(k: torch.Tensor, seed=1, strength=1.0) -> torch.Tensor:
+    """``log α ≤ 0`` beside the keys; ``strength`` scales how fast the state forgets."""
+    gen = torch.Generator().manual_seed(seed)
+    raw = torch.randn(k.shape, generator=gen) * 2
+    return (F.logsigmoid(raw) * strength).to(k.dtype)
+
+
+def check_gated(q, k, v, log_alpha, config=None):
+    out = tvm_linear.forward(q, k, v, causal=True, log_alpha=log_alpha, config=config)
+    expected = normalised_gla(q, k, v, log_alpha)
+    assert out.dtype == q.dtype and torch.isfinite(out).all()
+    err = rel_rms(out, expected)
+    assert err <= TOLERANCE[q.dtype], f"relative RMS error {err:.3g}"
+
+
+def test_gated_reference_is_the_quadratic_form():
+    q, k, v = inputs(1, 2, 1, 11, 11, 8, 5)
+    g = gates(k)
+    b = g.repeat_interleave(2, dim=1).cumsum(dim=-2)  # (B, H, N, Dk)
+    k2 = k.repeat_interleave(2, dim=1)
+    decay = (b[:, :, :, None, :] - b[:, :, None, :, :]).exp()  # i, j, c: e^{b_i − b_j}
+    scores = (q[:, :, :, None, :] * k2[:, :, None, :, :] * decay).sum(-1).tril()
+    quadratic = (scores @ v.repeat_interleave(2, dim=1)) / (scores.sum(-1, keepdim=True) + 1e-6)
+    assert rel_rms(normalised_gla(q, k, v, g), quadratic) < 1e-6
+
+
+@pytest.mark.parametrize("strength", [1.0, 30.0], ids=["slow", "fast-forgetting"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_gated_matches_reference(shape, strength):
+    b, h, kv, n, dk, dv = shape
+    q, k, v = inputs(b, h, kv, n, n, dk, dv)
+    check_gated(q, k, v, gates(k, strength=strength))
+
+
+@pytest.mark.parametrize("shape", [SHAPES[1], SHAPES[3]], ids=lambda s: "x".join(map(str, s)))
+def test_gated_every_cpu_level(cpu_level: Target, shape):
+    b, h, kv, n, dk, dv = shape
+    q, k, v = inputs(b, h, kv, n, n, dk, dv, feature="relu")
+    check_gated(q, k, v, gates(k), config={"chunk": 16, "vec": 4})
+
+
+def test_gated_contract_errors():
+    q, k, v = inputs(1, 2, 1, 8, 8, 16, 16)
+    with pytest.raises(KernelError, match="gated linear attention is causal"):
+        tvm_linear.forward(q, k, v, causal=False, log_alpha=gates(k))
+    with pytest.raises(KernelError, match="must be like k"):
+        tvm_linear.forward(q, k, v, causal=True, log_alpha=gates(k)[..., :4])
+
+
+def test_gla_calls_dispatch_to_the_kernel(monkeypatch):
+    """``linear_forward`` with gates (the gla pass's call) takes the TVM kernel above its
+    threshold, and the result is the reference's."""
+    from attnopt.codegen import linear_ops
+
+    q, k, v = inputs(1, 2, 1, 40, 40, 16, 16)
+    g = gates(k)
+    assert tvm_linear._supports_linear(q, k, v, g, True) is not None  # below MIN_TOKENS
+    monkeypatch.setattr(tvm_linear, "MIN_TOKENS", 1)
+    assert tvm_linear._supports_linear(q, k, v, g, True) is None
+    calls = []
+    monkeypatch.setattr(tvm_linear, "forward", lambda *a, **kw: calls.append(kw) or
+                        normalised_gla(*a, kw["log_alpha"]))  # fmt: skip
+    out = linear_ops.linear_forward(q, k, v, g, causal=True, chunk=16)
+    assert calls and calls[0]["log_alpha"] is g
+    assert rel_rms(out, normalised_gla(q, k, v, g)) < 1e-6

@@ -86,6 +86,23 @@ def gated_linear_attention(
     return out.to(q.dtype), state
 
 
+def normalised_gla(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    log_alpha: torch.Tensor,
+    *,
+    eps: float = 1e-6,
+) -> torch.Tensor:
+    """Gated linear attention with its normaliser decayed like the state (the ``gla`` pass):
+    ``y_t = φ(q_t)ᵀ S_t / (φ(q_t)ᵀ z_t + eps)``, ``z_t = α_t ⊙ z_{t−1} + φ(k_t)``."""
+    ones = v.new_ones(*v.shape[:-1], 1)
+    out, _ = gated_linear_attention(
+        q.float(), k.float(), torch.cat([v.float(), ones.float()], dim=-1), log_alpha, scale=1.0
+    )
+    return (out[..., :-1] / (out[..., -1:] + eps)).to(q.dtype)
+
+
 def hybrid_attention(
     q: torch.Tensor,
     k: torch.Tensor,
