@@ -135,9 +135,21 @@ def convert(
             "sums such as 'past + seq' follow from their parts)",
         ),
     ] = [],  # noqa: B006
+    tolerance: Annotated[
+        list[str],
+        typer.Option(
+            "--tolerance",
+            help="a float, or metric=value (cos, rel_l1, rmse, model_rel_l1), repeatable",
+        ),
+    ] = [],  # noqa: B006
+    knob: Annotated[
+        list[str],
+        typer.Option("--knob", help="fix a knob: variant.knob=value or site/variant.knob=value"),
+    ] = [],  # noqa: B006
     json: Annotated[bool, typer.Option("--json", help="print the report as JSON")] = False,
 ) -> None:
-    """Rewrite a model's attention into onnxruntime's fused ops, verify it, and time it."""
+    """Rewrite a model's attention into onnxruntime's fused ops (or, with --variant linear,
+    standard ops within an error budget), verify it, and time it."""
     from attnopt.frontends.onnx.convert import convert as convert_onnx
 
     dims = _dims(dim)
@@ -148,6 +160,8 @@ def convert(
             variants=tuple(variant),
             check=check,
             dims=dims,
+            tolerance=_tolerance(tolerance),
+            knobs=_knobs(knob) or None,
             latency=check,
             progress=step,
         )

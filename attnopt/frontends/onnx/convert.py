@@ -14,8 +14,11 @@ from pathlib import Path
 import onnx
 from onnx import helper
 
-from attnopt.errors import OnnxModelError
+from attnopt.budget import Budget
+from attnopt.errors import AttnoptError, OnnxModelError
+from attnopt.frontends.onnx import budget as onnx_budget
 from attnopt.frontends.onnx import inputs as onnx_inputs
+from attnopt.frontends.onnx import linear as _linear  # noqa: F401 (registers its lowering)
 from attnopt.frontends.onnx import verify as ort_check
 from attnopt.frontends.onnx.graph import OnnxGraph, analyse
 from attnopt.frontends.onnx.model import Loaded, load, save
@@ -23,7 +26,7 @@ from attnopt.frontends.onnx.model import check as check_model
 from attnopt.frontends.onnx.rewrite import NotExpressible, lower
 from attnopt.frontends.onnx.splice import Splice, finish, restore, splice
 from attnopt.frontends.onnx.splice import unused as unused_values
-from attnopt.passes.plan import plan
+from attnopt.passes.plan import check_variants, plan
 from attnopt.report import NearMissReport, Report, SiteReport
 from attnopt.rewriter.canonicalize import canonicalize
 from attnopt.rewriter.detect import Detection, detect
@@ -88,7 +91,8 @@ def convert(
     variants: tuple[str, ...] = ("exact",),
     check: bool = True,
     dims: dict[str, int] | None = None,
-    tolerance: float | None = None,
+    tolerance: float | dict | None = None,
+    knobs: dict | None = None,
     latency: bool = False,
     progress: Progress | None = None,
 ) -> Report:
@@ -97,7 +101,17 @@ def convert(
     With ``check``, every site is verified in onnxruntime on random inputs (base dynamic sizes
     from ``dims``, see ``attnopt.frontends.onnx.inputs``) and restored if it disagrees beyond
     ``tolerance`` (default: per dtype); ``latency`` also times both models in the same process.
+    With approximate ``variants`` (``linear``) or a ``tolerance`` dict, each site keeps the first
+    variant within that error budget, checked in onnxruntime at the site and for the model
+    (``frontends/onnx/budget.py``); ``knobs`` fixes knob values as in ``attnopt.optimize``.
     """
+    passes = check_variants(variants)
+    budgeted = bool(knobs) or isinstance(tolerance, dict) or any(p.approximate for p in passes)
+    if budgeted and not check:
+        raise AttnoptError(
+            "approximate variants, error budgets and knobs are checked in onnxruntime; "
+            "convert with the check on"
+        )
     if Path(path_out).resolve() == Path(path_in).resolve():
         raise OnnxModelError(f"{path_out}: write the result to another file than the input")
     step = progress or (lambda message: None)
@@ -127,11 +141,18 @@ def convert(
     work = onnx.ModelProto()
     work.CopyFrom(original)
     unused_before = unused_values(original)
-    splices = _splice_sites(graph, found, report, work, variants)
-    if feeds is not None and splices:
-        step("verifying each site in onnxruntime")
-        _verify_sites(work, splices, feeds, tolerance)
-    elif splices:
+    if budgeted:
+        budget = Budget.of(tolerance)
+        report.budget = budget.as_dict()
+        splices, report.model_metrics = onnx_budget.choose(
+            graph, found.sites, report.sites, work, variants, knobs, budget, feeds, reference
+        )
+    else:
+        splices = _splice_sites(graph, found, report, work, variants)
+        if feeds is not None and splices:
+            step("verifying each site in onnxruntime")
+            _verify_sites(work, splices, feeds, tolerance)
+    if splices and feeds is None:
         for site_report, _ in splices:
             site_report.status = "rewritten"
         report.notes.append("sites not verified (check disabled)")
@@ -145,8 +166,9 @@ def convert(
         after = ort_check.session(Path(path_out), "the converted model")
         got = ort_check.run(after, feeds, "the converted model")
         report.output_error = ort_check.compare(got, reference)
-        worst = max(ort_check.tolerance(v, tolerance) for v in reference.values())
-        model_tol = worst * max(1, len(live))
+        # an error budget has judged the model already (its model metrics)
+        tolerances = [ort_check.tolerance(v, tolerance) for v in reference.values()]
+        model_tol = float("inf") if budgeted else max(tolerances) * max(1, len(live))
         if live and report.output_error > model_tol:
             for site_report in live:
                 site_report.status = "restored"

@@ -34,9 +34,11 @@ def _all_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
                 yield from _all_nodes(sub)
 
 
-def _rename_inputs(model: onnx.ModelProto, old: str, new: str, skip: set[int]) -> None:
+def _rename_inputs(model: onnx.ModelProto, old: str, new: str, skip: set[str]) -> None:
+    """Point inputs named ``old`` at ``new``, except in nodes whose first output is in ``skip``
+    (names, not ``id()``s: protobuf wrappers are made afresh on each access and ids recur)."""
     for node in _all_nodes(model.graph):
-        if id(node) in skip:
+        if node.output and node.output[0] in skip:
             continue
         for i, name in enumerate(node.input):
             if name == old:
@@ -53,7 +55,7 @@ def splice(model: onnx.ModelProto, lowering: Lowering) -> Splice:
     for domain in lowering.domains:
         if all(o.domain != domain for o in model.opset_import):
             model.opset_import.append(helper.make_opsetid(domain, 1))
-    inserted = {id(n) for n in graph.node[position : position + len(lowering.nodes)]}
+    inserted = {n.output[0] for n in lowering.nodes if n.output}
     _rename_inputs(model, old, lowering.output, inserted)
     return Splice(lowering, old, lowering.output)
 
