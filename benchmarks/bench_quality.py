@@ -2,10 +2,15 @@
 perplexity, site error and tokens/s, before and after ``attnopt.calibrate``.
 
     python benchmarks/bench_quality.py [--steps 100] [--variants linear gla hybrid]
+        [--model-rel-l1 0.05 0.2]
 
 Every site is forced to the variant (no exact fallback, a budget nothing fails) so the table
 shows the variant's own quality (default knobs: hedgehog feature map, window 64); ``exact`` is
 the original model. Held-out text: fractions.py.
+
+A second table lets the error budget choose: every site may take ``hybrid``, ``gla``,
+``linear`` or ``exact`` (in that order) under ``rel_l1 ≤ 0.5, cos ≥ 0.8`` per site and each
+``--model-rel-l1`` level for the logits; it gives each plan's perplexity and tokens/s.
 """
 
 from __future__ import annotations
@@ -51,6 +56,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--steps", type=int, default=100, help="calibration steps")
     parser.add_argument("--variants", nargs="+", default=["linear", "gla", "hybrid"])
+    parser.add_argument(
+        "--model-rel-l1", nargs="+", type=float, default=[0.05, 0.3], help="model budget levels"
+    )
     args = parser.parse_args()
     train, held = text_bytes(TRAIN_FILES), text_bytes(HELD_OUT_FILES)
     cal = [(b,) for b in batches(train, 4, 128, 8, seed=7)]
@@ -80,6 +88,33 @@ def main() -> None:
             f"{perplexity(opt, held):.3f}",
             f"{mean_rel_l1(after):.3e}",
             f"{losses[0]:.2e}→{losses[-1]:.2e}",
+        )
+    Console().print(table)
+    budget_plans(model, cal, held, timing, args.model_rel_l1)
+
+
+def budget_plans(model, cal, held, timing, levels: list[float]) -> None:
+    """The plans the budget chooses at each model-level tolerance, and their quality."""
+    table = Table(title="plans the error budget chooses (site rel_l1 ≤ 0.5, cos ≥ 0.8)")
+    for column in ("model_rel_l1 ≤", "plan", "model rel_l1 (cal)", "ppl", "tokens/s"):
+        table.add_column(column)
+    for level in levels:
+        tolerance = {"rel_l1": 0.5, "cos": 0.8, "model_rel_l1": level}
+        opt = attnopt.optimize(
+            model,
+            cal[0],
+            variants=("hybrid", "gla", "linear", "exact"),
+            tolerance=tolerance,
+            calibration=cal,
+        )
+        report = opt.attnopt_report
+        plan = ", ".join(f"{s.location}: {s.variant}" for s in report.sites)
+        table.add_row(
+            f"{level:g}",
+            plan,
+            f"{report.model_metrics['rel_l1']:.3e}",
+            f"{perplexity(opt, held):.3f}",
+            f"{tokens_per_s(opt, timing):.0f}",
         )
     Console().print(table)
 
