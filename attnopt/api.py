@@ -31,7 +31,7 @@ from attnopt.frontends.export.capture import (
     check_signature,
 )
 from attnopt.frontends.fx.graph import graph_view
-from attnopt.frontends.fx.rewrite import Splice, finish, splice
+from attnopt.frontends.fx.rewrite import SITE_PREFIX, Splice, finish, splice
 from attnopt.passes.base import default_knobs
 from attnopt.passes.plan import applicable, check_variants, plan, site_knobs
 from attnopt.report import NearMissReport, Report, SiteReport
@@ -81,7 +81,16 @@ class OptimizedModule(nn.Module):
         return self.graph_module.state_dict(*args, **kwargs)
 
     def load_state_dict(self, state_dict: dict, strict: bool = True, assign: bool = False):
-        return self.graph_module.load_state_dict(state_dict, strict=strict, assign=assign)
+        """Also the original model's checkpoint, strictly: the approximate sites' own weights
+        (``attnopt_site_N.*``) may be absent, and keep their values then."""
+        result = self.graph_module.load_state_dict(state_dict, strict=False, assign=assign)
+        missing = [k for k in result.missing_keys if not k.startswith(SITE_PREFIX)]
+        if strict and (missing or result.unexpected_keys):
+            raise RuntimeError(
+                f"Error(s) in loading state_dict for {type(self).__name__}: missing keys "
+                f"{missing}, unexpected keys {result.unexpected_keys}"
+            )
+        return result._replace(missing_keys=missing)
 
 
 def _detect(model: nn.Module, inputs: Inputs) -> tuple[Capture, GraphView, Detection]:

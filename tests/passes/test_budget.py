@@ -148,3 +148,16 @@ def test_fixed_knobs_still_meet_the_budget(model):
 def test_bad_knobs_are_clear_errors(model, knobs, message):
     with pytest.raises(AttnoptError, match=message):
         optimize(model, variants=("hybrid", "linear", "exact"), knobs=knobs)
+
+
+def test_original_checkpoint_loads_strictly(model):
+    opt = optimize(model, tolerance={"rel_l1": 0.9, "cos": 0.3})
+    sites = {k: v.clone() for k, v in opt.state_dict().items() if k.startswith("attnopt_site_")}
+    assert sites  # the approximate sites' weights are saved with the optimized model
+    changed = {k: v + 1 for k, v in model.state_dict().items()}
+    opt.load_state_dict(changed)  # strict: the original keys only
+    for key, value in opt.state_dict().items():
+        expected = sites[key] if key in sites else changed[key]
+        assert torch.equal(value, expected), key
+    with pytest.raises(RuntimeError, match="missing keys"):
+        opt.load_state_dict({k: v for k, v in changed.items() if "head" not in k})
