@@ -86,3 +86,22 @@ def test_model_budget_backs_off(onnx_path, tmp_path):
 def test_approximate_convert_needs_the_check(onnx_path, tmp_path):
     with pytest.raises(attnopt.errors.AttnoptError, match="checked in onnxruntime"):
         convert(onnx_path, tmp_path / "x.onnx", variants=("linear",), check=False)
+
+
+def test_convert_command_variant_linear(onnx_path, tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from attnopt.cli import app
+
+    out = tmp_path / "cli.onnx"
+    args = ["convert", str(onnx_path), "-o", str(out), "--variant", "linear", "--variant", "exact"]
+    args += ["--tolerance", "rel_l1=10", "--tolerance", "cos=-1", "--knob"]
+    args += ["linear.feature_map=elu", "--json"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert [s["variant"] for s in report["sites"]] == ["linear", "linear"]
+    assert all(s["trials"][-1]["knobs"]["feature_map"] == "elu" for s in report["sites"])
+    assert report["budget"]["model_rel_l1"] == 10 and out.exists()
