@@ -11,11 +11,22 @@ from __future__ import annotations
 
 import torch
 
+from attnopt.codegen.eager import quant as cpu
 from attnopt.codegen.reference.quant import quant_attention
 from attnopt.codegen.registry import Kernel, kernels_for, register_kernel
 
 REFERENCE = register_kernel(
     Kernel(variant="quant", device_type="any", name="reference", forward=quant_attention)
+)
+CPU = register_kernel(
+    Kernel(
+        variant="quant",
+        device_type="cpu",
+        name="int_mm",
+        forward=cpu.quant_attention_cpu,
+        supports=cpu.supports,
+        priority=10,
+    )
 )
 
 import attnopt.codegen.backends  # noqa: E402,F401  (registers the compiled kernels)

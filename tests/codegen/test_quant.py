@@ -2,11 +2,17 @@
 the softmax unchanged, and the quantized attention against exact attention over masks and GQA."""
 
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from attnopt.codegen.eager.quant import quant_attention_cpu
+from attnopt.codegen.quant_ops import quant_forward
 from attnopt.codegen.reference.exact import exact_attention
 from attnopt.codegen.reference.quant import (
     QMAX,
@@ -114,3 +120,26 @@ def test_bad_knobs_are_named():
     q = torch.randn(1, 1, 4, 8)
     with pytest.raises(ValueError, match="bits must be 8 or 4"):
         quant_attention(q, q, q, scale=1.0, bits=2)
+
+
+def test_cpu_kernel_matches_reference_at_each_isa_level(cpu_level):
+    """The integer-GEMM CPU kernel in a process capped at each ISA level this machine runs
+    (AVX2 with ``vpmaddubsw`` included, so AVX2-only machines are covered)."""
+    _, isa = cpu_level.int_dot
+    level = "avx512" if cpu_level.vector_bits == 512 else "avx2"
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": isa, "ATEN_CPU_CAPABILITY": level}
+    env["ATTNOPT_CPU_TARGET"] = level
+    script = Path(__file__).with_name("quant_cpu_check.py")
+    done = subprocess.run(
+        [sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=240
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    k_qmax = "63" if level == "avx2" and isa == "AVX2" else "127"
+    assert done.stdout.split() == ["ok", isa, level.upper(), k_qmax]
+
+
+def test_cpu_kernel_is_what_the_op_runs_on_cpu():
+    q, k, v = torch.randn(1, 2, 20, 16), torch.randn(1, 2, 20, 16), torch.randn(1, 2, 20, 16)
+    flags = {"scale": 0.25, "causal": True, "window": 0, "fill": float("-inf")}
+    got = quant_forward(q, k, v, None, bits=8, pv="fp16", **flags)
+    assert torch.equal(got, quant_attention_cpu(q, k, v, None, bits=8, pv="fp16", **flags))

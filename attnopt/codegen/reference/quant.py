@@ -39,12 +39,13 @@ def smooth_k(k: torch.Tensor) -> torch.Tensor:
 
 
 def quantize_blocks(
-    x: torch.Tensor, block: int, bits: int = 8, scale: float = 1.0
+    x: torch.Tensor, block: int, bits: int = 8, scale: float = 1.0, qmax: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric per-block quantization of ``x`` ``(B, H, N, D)`` along N (``block`` rows share
-    one scale). Returns ``(values int8 (B, H, N, D), scales fp32 (B, H, ceil(N / block)))`` with
-    ``x·scale ≈ values·scales[..., row // block]``."""
-    qmax = QMAX[bits]
+    one scale) to ``±qmax`` (default: the full range of ``bits``). Returns ``(values int8
+    (B, H, N, D), scales fp32 (B, H, ceil(N / block)))`` with ``x·scale ≈ values·scales[...,
+    row // block]``."""
+    qmax = qmax or QMAX[bits]
     b, h, n, d = x.shape
     blocks = -(-n // block)
     padded = torch.zeros(b, h, blocks * block, d, dtype=torch.float32, device=x.device)
@@ -90,8 +91,10 @@ def quant_attention(
     pv: str = "fp16",
     block_q: int = BLOCK_Q,
     block_k: int = BLOCK_K,
+    k_qmax: int | None = None,
 ) -> torch.Tensor:
-    """Quantized attention following the module docstring, one key block at a time."""
+    """Quantized attention following the module docstring, one key block at a time; ``k_qmax``
+    narrows K's range (63 where the integer GEMM would saturate, see ``eager/quant.py``)."""
     if bits not in QMAX or pv not in (*PV_DTYPES, "fp8"):
         raise ValueError(f"bits must be 8 or 4 and pv fp16, bf16 or fp8; got {bits}, {pv!r}")
     group = q.shape[1] // k.shape[1]
@@ -111,7 +114,7 @@ def quant_attention(
         k_rep = ks.repeat_interleave(group, dim=1)
         bias = torch.matmul(q_mean, k_rep.transpose(-2, -1)) * (scale * LOG2E)
     qv, q_scale = quantize_blocks(qf, block_q, bits, scale * LOG2E)
-    kv, k_scale = quantize_blocks(ks, block_k, bits)
+    kv, k_scale = quantize_blocks(ks, block_k, bits, qmax=k_qmax)
     kv = kv.repeat_interleave(group, dim=1)
     k_scale = k_scale.repeat_interleave(group, dim=1)
     vf = v.float().repeat_interleave(group, dim=1)
