@@ -1,7 +1,11 @@
 """The Triton quant kernels (quantization step and attention) against the quant reference:
 Triton's interpreter on CPU at tiny sizes, the compiler on CUDA (``gpu``)."""
 
+import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import torch
 
@@ -106,3 +110,16 @@ def test_native_fp8_and_default_blocks_on_gpu():
             )
             >= 0.995
         )
+
+
+def test_kernels_compile_for_hopper_without_a_gpu():
+    """The full compile (PTX and cubin) for sm_90, int8 dots and the FP8 P·V included."""
+    script = [sys.executable, "-m", "tests.codegen.compile_quant_for_target", "90"]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = Path(__file__).parents[2]
+    proc = subprocess.run(script, capture_output=True, text=True, env=env, cwd=root, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert {(r["kernel"], r["pv"]) for r in rows} == {
+        (name, pv) for name in ("_quantize_kernel", "_attn_kernel") for pv in ("fp16", "fp8")
+    }
