@@ -73,3 +73,21 @@ def test_masked_site_is_rewritten_and_int4_reaches_the_kernel():
     want = quant_attention_cpu(q, k, v, scale=attrs["scale"], causal=True, bits=4, pv="fp8")
     torch.testing.assert_close(got, want)
     assert not torch.allclose(got, QuantSite(attrs, 8, "fp16")(q, k, v, None))
+
+
+def test_onnx_quant_sites_stay_exact_with_the_reason(tmp_path):
+    pytest.importorskip("onnxscript")
+    from attnopt.frontends.onnx.convert import convert
+    from tests.onnx_helpers import export, form_inputs, fused_ops
+
+    form = next(f for f in FORMS if f.name == "causal_tril_bool_not")
+    inputs, dynamic = form_inputs(form)
+    path = export(form.make(), inputs, tmp_path / "m.onnx", dynamo=False, opset=23, dynamic=dynamic)
+    out = tmp_path / "m.attnopt.onnx"
+    report = convert(path, out, variants=("quant", "exact"))
+    (site,) = report.sites
+    assert site.variant == "exact" and site.status == "rewritten", report.to_json()
+    assert "quant: quant's per-block INT8 scales" in site.reason
+    assert fused_ops(out) == ["Attention"]
+    only = convert(path, tmp_path / "q.onnx", variants=("quant",))
+    assert only.sites[0].status == "skipped" and "DynamicQuantizeLinear" in only.sites[0].reason
