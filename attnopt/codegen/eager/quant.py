@@ -112,8 +112,10 @@ def quant_attention_cpu(
                 if hi <= lo:
                     out[b, h, s:e] = 0
                     continue
-                acc = torch._int_mm(qv[b, h, s:e], k_t[b, hk, :, lo:hi]).float()
-                acc.mul_(k_cols[b, hk, lo:hi] * q_scale[b, h, j])
+                # int32 · fp32 promotes: dequantized in the pass that converts
+                acc = torch._int_mm(qv[b, h, s:e], k_t[b, hk, :, lo:hi]) * (
+                    k_cols[b, hk, lo:hi] * q_scale[b, h, j]
+                )
                 if bias is not None:
                     acc.add_(bias[b, h, j, lo:hi])
                 if mask is not None:
@@ -127,9 +129,14 @@ def quant_attention_cpu(
                 row_max = acc.amax(dim=-1, keepdim=True)
                 row_max.masked_fill_(torch.isinf(row_max), 0.0)
                 p = acc.sub_(row_max).exp2_()
-                # normalised before rounding: rows of P then sum to ≤ 1, so a 16-bit product
+                total = p.sum(dim=-1, keepdim=True).clamp_min_(_TINY)
+                if v16.dtype == torch.bfloat16:  # fp32's range: divide the output, not P
+                    pv_out = torch.matmul(p.to(v16.dtype), v16[b, hk, lo:hi]).float()
+                    out[b, h, s:e] = pv_out.div_(total)
+                    continue
+                # normalised before rounding: rows of P then sum to ≤ 1, so an fp16 product
                 # stays within V's range (fp16 sums of thousands of keys would overflow)
-                p.div_(p.sum(dim=-1, keepdim=True).clamp_min_(_TINY))
+                p.div_(total)
                 if v_scale is None:
                     out[b, h, s:e] = torch.matmul(p.to(v16.dtype), v16[b, hk, lo:hi]).float()
                 else:  # FP8 emulated: P by 448 and V per channel rounded to e4m3, fp32 product
