@@ -39,6 +39,7 @@ class Budget:
     site: dict[str, float]
     model: dict[str, float]
     exact: float | None = None
+    named: bool = False  # the user named the metrics (a dict): no pass's own defaults apply
 
     @classmethod
     def of(cls, tolerance: float | dict | None) -> Budget:
@@ -62,7 +63,19 @@ class Budget:
         model = {k: v for k, v in site.items() if k == "cos"}
         if "model_rel_l1" in limits or "rel_l1" in limits:
             model["rel_l1"] = limits.get("model_rel_l1", limits.get("rel_l1"))
-        return cls(site, model, exact)
+        return cls(site, model, exact, named=isinstance(tolerance, dict))
+
+    def site_limits(self, chosen: Pass) -> dict[str, float]:
+        """The limits an approximate pass is held to: the user's, else the stricter of the
+        defaults and the pass's own ``budget`` (quant: ``cos ≥ 0.995``, ``rel_l1 ≤ 0.03``)."""
+        own = getattr(chosen, "budget", None)
+        if self.named or not own:
+            return self.site
+        limits = dict(self.site)
+        for name, value in own.items():
+            stricter = max if name == "cos" else min
+            limits[name] = stricter(limits[name], value) if name in limits else value
+        return limits
 
     def as_dict(self) -> dict[str, float]:
         return {**self.site, **{f"model_{k}": v for k, v in self.model.items()}}
@@ -158,7 +171,7 @@ def choose(
             chosen, knobs = p.current
             metrics = sums[i].metrics()
             if chosen.approximate:
-                broken = violations(metrics, budget.site)
+                broken = violations(metrics, budget.site_limits(chosen))
             else:
                 limit = exact_limit(p.site.dtype)
                 over = metrics["max_error"] > limit

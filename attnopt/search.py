@@ -79,7 +79,9 @@ def search_plans(
         for i, (c, _) in chosen.items():
             m = sites[i].metrics()
             limit = (
-                budget.site if c.approximate else {"max_error": exact_limit(plans[i].site.dtype)}
+                budget.site_limits(c)
+                if c.approximate
+                else {"max_error": exact_limit(plans[i].site.dtype)}
             )
             excess = max(excess, _excess(m, limit))
         ms = _time_ms(gm, batches[0])

@@ -29,6 +29,11 @@ backend) and eager matmul-softmax-matmul. Median of timed runs after warm-up: ``
 
     python benchmarks/bench_attention.py --variant linear --device cpu --n 4096 16384
 
+    python benchmarks/bench_attention.py --variant quant --device cpu --n 1024 4096 16384
+
+``quant`` times the kernel its dispatch picks (``--bits``, ``--pv``) against SDPA and the best
+exact kernel (``--backend``) at each n and d (``--d``, default 64 128; causal unless
+``--no-causal``), with cos and rel_l1 against SDPA beside each speed.
 Approximate variants (``linear``, ``gla``, ``hybrid``) time the rewritten site's module (the
 kernel it dispatches to for the device) against causal SDPA on the same random q, k, v, with
 the measured error against SDPA's output beside each speed (cos and rel_l1).
@@ -383,10 +388,73 @@ def bench_variant(args, device: str, dtype, measure) -> None:
         Console().print(table)  # after each n, so a long run shows progress
 
 
+def bench_quant(args, device: str, dtype, measure) -> None:
+    """``quant`` (the kernel its dispatch picks) against SDPA and the best exact kernel on the
+    same random q, k, v; cos and rel_l1 against SDPA's output beside each speed."""
+    from attnopt.codegen.quant_ops import quant_forward
+    from attnopt.codegen.registry import kernels_for as registered
+
+    exact = find_kernel(args.backend, device)
+    quant = next(iter(registered("quant", device)))
+    causal = True if args.causal is None else args.causal
+    where = torch.cuda.get_device_name() if device == "cuda" else f"CPU ({_cpu_name()})"
+    title = f"quant {args.bits}-bit, P·V {args.pv} ({quant.name}) on {where}, {str(dtype)[6:]}"
+    table = Table(title=f"{title}, causal={causal}, heads {args.heads}")
+    columns = ("n", "d", "quant ms", "SDPA ms", f"{exact.name} ms", "× SDPA", "× exact")
+    for column in (*columns, "cos", "rel_l1"):
+        table.add_column(column)
+    default_n = [1024, 4096, 16384] if device == "cpu" else [1024, 4096, 16384, 65536]
+    for n in args.n or default_n:
+        for d in args.d or [64, 128]:
+            gen = torch.Generator().manual_seed(0)
+            q, k, v = (
+                torch.randn(1, args.heads, n, d, generator=gen).to(device, dtype) for _ in range(3)
+            )
+            flags = {"scale": d**-0.5, "causal": causal, "window": 0, "fill": float("-inf")}
+
+            def run_quant(q=q, k=k, v=v, flags=flags):
+                return quant_forward(q, k, v, None, bits=args.bits, pv=args.pv, **flags)
+
+            def run_sdpa(q=q, k=k, v=v):
+                return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+            def run_exact(q=q, k=k, v=v, flags=flags):
+                return exact.forward(q, k, v, None, **flags)
+
+            with torch.no_grad():
+                ref, out = run_sdpa(), run_quant()
+                times = {"quant": [], "sdpa": [], "exact": []}
+                for _ in range(args.rounds):  # in turns: load on a shared machine hits all alike
+                    for name, fn in (
+                        ("quant", run_quant),
+                        ("sdpa", run_sdpa),
+                        ("exact", run_exact),
+                    ):
+                        times[name].append(measure(fn))
+            ms = {name: min(values) for name, values in times.items()}
+            a, b = out.double().flatten(), ref.double().flatten()
+            cos = F.cosine_similarity(a, b, dim=0).item()
+            rel_l1 = ((a - b).abs().sum() / b.abs().sum()).item()
+            cells = [n, d, *(f"{ms[x]:.2f}" for x in ("quant", "sdpa", "exact"))]
+            cells += [f"{ms['sdpa'] / ms['quant']:.2f}", f"{ms['exact'] / ms['quant']:.2f}"]
+            table.add_row(*map(str, cells), f"{cos:.5f}", f"{rel_l1:.2e}")
+            Console().print(table)  # after each shape, so a long run shows progress
+
+
+def _cpu_name() -> str:
+    dot = detect_cpu().int_dot
+    isa = torch.backends.cpu.get_cpu_capability()
+    return f"{torch.get_num_threads()} threads, torch {isa}, int8 dot {dot[0] if dot else 'none'}"
+
+
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=["cuda", "cpu"], default=None)
-    parser.add_argument("--variant", choices=["exact", "linear", "gla", "hybrid"], default="exact")
+    parser.add_argument(
+        "--variant", choices=["exact", "linear", "gla", "hybrid", "quant"], default="exact"
+    )
+    parser.add_argument("--bits", type=int, choices=[8, 4], default=8, help="quant: Q/K bits")
+    parser.add_argument("--pv", choices=["fp16", "bf16", "fp8"], default="fp16", help="quant P·V")
     parser.add_argument("--feature-map", choices=["elu", "relu", "hedgehog"], default="elu")
     parser.add_argument("--heads", type=int, default=4, help="heads (approximate variants)")
     parser.add_argument("--backend", default=None, help="registered kernel name (default: best)")
@@ -433,6 +501,9 @@ def main() -> None:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = DTYPES[args.dtype or ("bf16" if device == "cuda" else "fp32")]
     measure = timer(device, args.warmup, args.rep)
+    if args.variant == "quant":
+        bench_quant(args, device, dtype, measure)
+        return
     if args.variant != "exact":
         bench_variant(args, device, dtype, measure)
         return

@@ -46,6 +46,15 @@ class Target:
         return aliases.get(name, name) in self.tensor_core_dtypes
 
     @property
+    def int_dot(self) -> tuple[str, str] | None:
+        """The best integer dot-product instructions of a CPU target: (name, the
+        ``ONEDNN_MAX_CPU_ISA`` that caps oneDNN at them), or None."""
+        for flag, name, isa in INT_DOT:
+            if flag in self.cpu_features:
+                return name, isa
+        return None
+
+    @property
     def llvm_target(self) -> str:
         """The TVM target for CPU targets, as the JSON TVM >= 0.27 parses (it rejects the old
         ``llvm -mcpu=…`` strings): the oldest CPU model that has every vector extension found."""
@@ -94,7 +103,18 @@ _GPU_NAMES = (
 CPU_TARGET_ENV = "ATTNOPT_CPU_TARGET"
 # ISA levels a CPU target can be pinned to: the flag the host needs and the vector width.
 CPU_LEVELS: dict[str, tuple[str, int]] = {"avx2": ("avx2", 256), "avx512": ("avx512f", 512)}
-_CPU_FLAGS = frozenset({"avx2", "avx512f", "avx512_bf16", "avx512_fp16", "fma", "neon", "asimd"})
+_CPU_FLAGS = frozenset(
+    {"avx2", "avx512f", "avx512_bf16", "avx512_fp16", "avx512_vnni", "avx_vnni", "amx_int8"}
+    | {"amx_bf16", "amx_tile", "fma", "neon", "asimd"}
+)
+# The integer dot-product instructions an INT8 GEMM can use, best first: (flag, name, the
+# ``ONEDNN_MAX_CPU_ISA`` value that caps oneDNN at them).
+INT_DOT = (
+    ("amx_int8", "amx", "AVX512_CORE_AMX"),
+    ("avx512_vnni", "avx512_vnni", "AVX512_CORE_VNNI"),
+    ("avx_vnni", "avx_vnni", "AVX2_VNNI"),
+    ("avx2", "avx2 vpmaddubsw", "AVX2"),
+)
 
 
 @functools.cache
@@ -131,7 +151,7 @@ def cpu_target(level: str = "native") -> Target:
                 f"it can run: {', '.join(['native', *cpu_levels()])}"
             )
         if bits < 512:
-            flags = frozenset(f for f in flags if not f.startswith("avx512"))
+            flags = frozenset(f for f in flags if not f.startswith(("avx512", "amx", "avx_vnni")))
     return dataclasses.replace(TARGETS["cpu"], cpu_features=flags, vector_bits=bits)
 
 

@@ -26,7 +26,7 @@ from attnopt.frontends.onnx.model import check as check_model
 from attnopt.frontends.onnx.rewrite import NotExpressible, lower
 from attnopt.frontends.onnx.splice import Splice, finish, restore, splice
 from attnopt.frontends.onnx.splice import unused as unused_values
-from attnopt.passes.plan import check_variants, plan
+from attnopt.passes.plan import applicable, check_variants, plan
 from attnopt.report import NearMissReport, Report, SiteReport
 from attnopt.rewriter.canonicalize import canonicalize
 from attnopt.rewriter.detect import Detection, detect
@@ -200,12 +200,25 @@ def _splice_sites(
             site_report.status, site_report.reason = "skipped", "; ".join(choice.reasons)
             continue
         site_report.variant = choice.chosen.name
-        replacement = choice.chosen.replacement(choice.site)
-        try:
-            lowering = lower(graph, choice.site, replacement, f"attnopt/site{index}")
-        except NotExpressible as err:
-            site_report.status, site_report.reason = "skipped", f"no fused op: {err}"
+        # the first allowed variant with an ONNX lowering; the ones before it say why not
+        passes, _ = applicable(choice.site, variants, TARGETS["cpu"])
+        missed, lowering = [], None
+        for chosen in passes:
+            try:
+                lowering = lower(
+                    graph, choice.site, chosen.replacement(choice.site), f"attnopt/site{index}"
+                )
+            except NotExpressible as err:
+                missed.append((chosen.name, str(err)))
+                continue
+            site_report.variant = chosen.name
+            break
+        if lowering is None:
+            why = missed[0][1] if len(missed) == 1 else "; ".join(f"{n}: {e}" for n, e in missed)
+            site_report.status, site_report.reason = "skipped", f"no fused op: {why}"
             continue
+        if missed:
+            site_report.reason = "; ".join(f"{name}: {err}" for name, err in missed)
         site_report.kernel, site_report.config = lowering.kernel, lowering.config
         splices.append((site_report, splice(work, lowering)))
     return splices

@@ -188,6 +188,19 @@ def lower(graph: OnnxGraph, site: AttentionSite, replacement: Replacement, prefi
     return lowering(graph, site, replacement, prefix)
 
 
+@lowers("attnopt::quant")
+def _lower_quant(
+    graph: OnnxGraph, site: AttentionSite, replacement: Replacement, prefix: str
+) -> Lowering:
+    """Not lowered: ``DynamicQuantizeLinear`` gives one uint8 scale per tensor, and quant's
+    per-block Q/K scales and K smoothing would need a hand-built QuantizeLinear subgraph that
+    onnxruntime runs unfused (no faster than its fused fp32 attention)."""
+    raise NotExpressible(
+        "quant's per-block INT8 scales have no fused onnxruntime op (DynamicQuantizeLinear "
+        "quantizes a whole tensor with one scale); the site stays exact"
+    )
+
+
 @lowers("attnopt::attention")
 def _lower_exact(
     graph: OnnxGraph, site: AttentionSite, replacement: Replacement, prefix: str
