@@ -1,6 +1,6 @@
 """Rewrite passes, one file per variant, registered by name in ``PASSES``."""
 
-from attnopt.passes import exact, linear  # noqa: F401  (register "exact", "linear", "gla", "hybrid")
+from attnopt.passes import exact, linear, prefix_ntk  # noqa: F401  (register the variants)
 from attnopt.passes.base import PASSES, Replacement, SiteModule, register_pass
 
 __all__ = ["PASSES", "Replacement", "SiteModule", "register_pass"]

@@ -1,0 +1,59 @@
+"""Prefix-NTK attention as exact attention over the input keys plus the prefix terms in the
+epilogue (ALGORITHMS.md §5); same contract as ``codegen/reference/prefix_ntk.py``.
+
+The exact part yields ``(out, lse)`` per row; with ``m = max(lse, 0)`` the combination
+``y = (out·e^{lse−m} + e^{−m} φᵀZ) / (e^{lse−m} + e^{−m} φᵀz)`` never exponentiates a positive
+number, and a row with no visible input key (``lse = −inf``) reads the prefix terms alone.
+The work is ``O(N·M·D + N·D'·Dv)``: the prefix length does not appear.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from attnopt.codegen.reference.exact import exact_attention
+
+
+def _exact(q, k, v, scale: float, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """CPU's fused flash kernel when nothing needs a gradient (it returns the log-sum-exp but
+    no gradient through it), the differentiable reference otherwise."""
+    wants_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    top_left_ok = not causal or q.shape[-2] == k.shape[-2]  # the fused kernel's causal
+    same_dim = v.shape[-1] == q.shape[-1]
+    if q.device.type == "cpu" and not wants_grad and top_left_ok and same_dim:
+        heads = q.shape[1]
+        group = heads // k.shape[1]
+        if group > 1:
+            k, v = (t.repeat_interleave(group, dim=1) for t in (k, v))
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q.float(), k.float(), v.float(), 0.0, causal, scale=scale
+        )
+        return out, lse
+    return exact_attention(q.float(), k, v, scale=scale, causal=causal)
+
+
+def combine(
+    out: torch.Tensor, lse: torch.Tensor, fq: torch.Tensor, Z: torch.Tensor, z: torch.Tensor
+) -> torch.Tensor:
+    """The epilogue: the prefix terms added to the exact part's numerator and denominator."""
+    m = lse.clamp_min(0.0)[..., None]
+    inside = torch.exp(lse[..., None] - m)
+    outside = torch.exp(-m)
+    numerator = out.float() * inside + outside * torch.einsum("bhnf,hfe->bhne", fq, Z.float())
+    denominator = inside + outside * (fq @ z.float()[None, :, :, None])
+    return numerator / denominator.clamp_min(torch.finfo(torch.float32).tiny)
+
+
+def prefix_ntk_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    fq: torch.Tensor,
+    Z: torch.Tensor,
+    z: torch.Tensor,
+    *,
+    scale: float,
+    causal: bool = False,
+) -> torch.Tensor:
+    out, lse = _exact(q, k, v, scale, causal)
+    return combine(out, lse, fq.float(), Z, z).to(q.dtype)
