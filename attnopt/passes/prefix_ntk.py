@@ -54,8 +54,8 @@ class PrefixNTKSite(SiteModule):
         fq = ref.feature_map(q, self.feature)
         if not bool(self.fitted):
             self.fit(q, fq, heads.k[0, :, :p], heads.v[0, :, :p], k, v)
-        flags = {"scale": self.attrs["scale"], "causal": self.attrs["causal"]}
-        return prefix_ntk_attention(q, k, v, fq, self.Z, self.z, **flags)
+        flags = {key: self.attrs[key] for key in ("scale", "causal", "fill")}
+        return prefix_ntk_attention(q, k, v, fq, self.Z, self.z, heads.mask, **flags)
 
     @torch.no_grad()
     def fit(self, q, fq, pk, pv, k, v) -> None:
@@ -79,10 +79,12 @@ def site_module(site: AttentionSite, feature_dim: int = 0, prefix_len: int | Non
 
 
 def refusal(site: AttentionSite) -> str | None:
-    """Why a site cannot carry ``Z, z`` (None if it can), prefix or not."""
+    """Why a site cannot carry ``Z, z`` (None if it can), prefix or not. Masks other than
+    causal are refused where a prefix is replaced: they could hide prefix tokens from some
+    queries, which ``Z, z`` cannot."""
     if site.dropout_p > 0:
         return f"dropout p={site.dropout_p} in training"
-    if site.masks:
+    if site.masks and site.prefix_len:
         return f"{site.mask_kind} mask over the prefix and keys (only causal or none)"
     if site.window:
         return "sliding-window mask"

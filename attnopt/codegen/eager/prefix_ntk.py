@@ -14,13 +14,15 @@ import torch
 from attnopt.codegen.reference.exact import exact_attention
 
 
-def _exact(q, k, v, scale: float, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _exact(
+    q, k, v, scale: float, causal: bool, mask=None, fill: float = float("-inf")
+) -> tuple[torch.Tensor, torch.Tensor]:
     """CPU's fused flash kernel when nothing needs a gradient (it returns the log-sum-exp but
-    no gradient through it), the differentiable reference otherwise."""
+    no gradient through it) and there is no mask, the differentiable reference otherwise."""
     wants_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     top_left_ok = not causal or q.shape[-2] == k.shape[-2]  # the fused kernel's causal
     same_dim = v.shape[-1] == q.shape[-1]
-    if q.device.type == "cpu" and not wants_grad and top_left_ok and same_dim:
+    if q.device.type == "cpu" and not wants_grad and top_left_ok and same_dim and mask is None:
         heads = q.shape[1]
         group = heads // k.shape[1]
         if group > 1:
@@ -29,7 +31,7 @@ def _exact(q, k, v, scale: float, causal: bool) -> tuple[torch.Tensor, torch.Ten
             q.float(), k.float(), v.float(), 0.0, causal, scale=scale
         )
         return out, lse
-    return exact_attention(q.float(), k, v, scale=scale, causal=causal)
+    return exact_attention(q.float(), k, v, mask, scale=scale, causal=causal, fill=fill)
 
 
 def combine(
@@ -40,7 +42,7 @@ def combine(
     inside = torch.exp(lse[..., None] - m)
     outside = torch.exp(-m)
     numerator = out.float() * inside + outside * torch.einsum("bhnf,hfe->bhne", fq, Z.float())
-    denominator = inside + outside * (fq @ z.float()[None, :, :, None])
+    denominator = inside + outside * (fq @ z.float()[None, :, :, None]).clamp_min(0.0)
     return numerator / denominator.clamp_min(torch.finfo(torch.float32).tiny)
 
 
@@ -51,9 +53,12 @@ def prefix_ntk_attention(
     fq: torch.Tensor,
     Z: torch.Tensor,
     z: torch.Tensor,
+    mask: torch.Tensor | None = None,
     *,
     scale: float,
     causal: bool = False,
+    fill: float = float("-inf"),
 ) -> torch.Tensor:
-    out, lse = _exact(q, k, v, scale, causal)
+    """``mask`` (over the input keys, as in the exact contract) is applied to the exact part."""
+    out, lse = _exact(q, k, v, scale, causal, mask, fill)
     return combine(out, lse, fq.float(), Z, z).to(q.dtype)

@@ -8,7 +8,8 @@ Contract shared by every prefix-NTK kernel:
   ``(H, D', Dv)``; ``z``: ``(H, D')``. ``causal`` as in the exact contract (bottom-right over
   the ``M`` input keys; the prefix is seen by every query).
 - ``y_i = (Σ_j e^{s q_i·k_j − c_i} v_j + e^{−c_i} φ(q_i)ᵀZ) / (Σ_j e^{s q_i·k_j − c_i} +
-  e^{−c_i} φ(q_i)ᵀz)``, ``c_i`` the row max (never ``e^{c}``: it overflows).
+  e^{−c_i} φ(q_i)ᵀz)``, ``c_i`` the row max (never ``e^{c}``: it overflows); ``φ(q_i)ᵀz``
+  counts as ``max(φ(q_i)ᵀz, 0)``: a trained ``z`` may turn negative, a softmax mass may not.
 - Returns ``(B, H, N, Dv)`` in ``q.dtype``, computed in fp32.
 """
 
@@ -66,7 +67,8 @@ def prefix_ntk_attention(
     w = torch.exp(scores - c)
     shift = torch.exp(-c)
     numerator = w @ vf + shift * torch.einsum("bhnf,hfe->bhne", fq.float(), Z.float())
-    denominator = w.sum(-1, keepdim=True) + shift * (fq.float() @ z.float()[None, :, :, None])
+    prefix_mass = (fq.float() @ z.float()[None, :, :, None]).clamp_min(0.0)
+    denominator = w.sum(-1, keepdim=True) + shift * prefix_mass
     return (numerator / denominator).to(q.dtype)
 
 
