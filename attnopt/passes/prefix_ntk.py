@@ -19,6 +19,7 @@ from torch import nn
 from attnopt.codegen.eager.prefix_ntk import _exact, prefix_ntk_attention
 from attnopt.codegen.layout import HeadsLayout
 from attnopt.codegen.reference import prefix_ntk as ref
+from attnopt.errors import AttnoptError
 from attnopt.passes.base import Replacement, SiteModule, register_pass, site_attrs
 from attnopt.rewriter.site import AttentionSite
 from attnopt.targets import Target
@@ -50,12 +51,15 @@ class PrefixNTKSite(SiteModule):
 
     def attend(self, heads: HeadsLayout) -> torch.Tensor:
         p = self.prefix_len
-        q, k, v = heads.q, heads.k[..., p:, :], heads.v[..., p:, :]
+        q, k, v, mask = heads.q, heads.k[..., p:, :], heads.v[..., p:, :], heads.mask
+        if mask is not None and p:
+            _check_prefix_visible(mask[..., :p])
+            mask = mask[..., p:]
         fq = ref.feature_map(q, self.feature)
         if not bool(self.fitted):
             self.fit(q, fq, heads.k[0, :, :p], heads.v[0, :, :p], k, v)
         flags = {key: self.attrs[key] for key in ("scale", "causal", "fill")}
-        return prefix_ntk_attention(q, k, v, fq, self.Z, self.z, heads.mask, **flags)
+        return prefix_ntk_attention(q, k, v, fq, self.Z, self.z, mask, **flags)
 
     @torch.no_grad()
     def fit(self, q, fq, pk, pv, k, v) -> None:
@@ -70,6 +74,18 @@ class PrefixNTKSite(SiteModule):
         self.fitted.fill_(True)
 
 
+def _check_prefix_visible(mask: torch.Tensor) -> None:
+    """``Z, z`` stand for the whole prefix: a mask may not hide part of it from a query (peft
+    prepends ones to the attention mask, so its prefix is always visible). Reading the mask
+    over the prefix costs ``O(n·p)`` comparisons, no ``O(n·p·d)`` arithmetic."""
+    visible = mask.all() if mask.dtype == torch.bool else (mask == 0).all()
+    if not bool(visible):
+        raise AttnoptError(
+            "the attention mask hides prefix tokens from some queries, which the prefix_ntk "
+            "state Z, z cannot express; optimize this model without the prefix_ntk variant"
+        )
+
+
 def site_module(site: AttentionSite, feature_dim: int = 0, prefix_len: int | None = None):
     """The ``PrefixNTKSite`` of a detected site (its own prefix unless ``prefix_len`` says)."""
     length = (site.prefix_len or 0) if prefix_len is None else prefix_len
@@ -79,13 +95,10 @@ def site_module(site: AttentionSite, feature_dim: int = 0, prefix_len: int | Non
 
 
 def refusal(site: AttentionSite) -> str | None:
-    """Why a site cannot carry ``Z, z`` (None if it can), prefix or not. Masks other than
-    causal are refused where a prefix is replaced: they could hide prefix tokens from some
-    queries, which ``Z, z`` cannot."""
+    """Why a site cannot carry ``Z, z`` (None if it can), prefix or not. A mask applies to the
+    input keys; over the prefix it must keep every pair (checked on each call)."""
     if site.dropout_p > 0:
         return f"dropout p={site.dropout_p} in training"
-    if site.masks and site.prefix_len:
-        return f"{site.mask_kind} mask over the prefix and keys (only causal or none)"
     if site.window:
         return "sliding-window mask"
     dims = (site.heads, site.head_dim, site.v_shape[-1])

@@ -10,6 +10,7 @@ from attnopt.calibrate import site_errors, site_modules
 from attnopt.codegen.eager import prefix_ntk as eager
 from attnopt.codegen.reference import prefix_ntk as ref
 from attnopt.codegen.reference.exact import exact_attention
+from attnopt.errors import AttnoptError
 from attnopt.passes import PASSES
 from attnopt.passes.prefix_ntk import PrefixNTKSite
 from tests.prefix_forms import PrefixAttention, inputs
@@ -110,3 +111,14 @@ def test_longer_prefix_costs_the_same_work():
         exact_work.append(_flops(lambda: exact_attention(q, k, v, scale=0.35)))  # noqa: B023
     assert work[0] == work[1] > 0
     assert exact_work[1] > 10 * exact_work[0]
+
+
+def test_a_mask_hiding_the_prefix_is_an_error():
+    module = PrefixNTKSite(ATTRS, 4, heads=2, head_dim=8, value_dim=8)
+    module.fitted.fill_(True)
+    q, k = _rand(1, 2, 3, 8, seed=1), _rand(1, 2, 7, 8, seed=2)
+    keep = torch.ones(1, 2, 3, 7, dtype=torch.bool)
+    module(q, k, k, keep)  # the prefix visible: fine
+    keep[0, 0, 1, 2] = False
+    with pytest.raises(AttnoptError, match="hides prefix tokens"):
+        module(q, k, k, keep)
