@@ -14,12 +14,16 @@ import torch
 from attnopt.codegen.reference.exact import exact_attention
 
 
+def _wants_grad(*tensors: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
 def _exact(
     q, k, v, scale: float, causal: bool, mask=None, fill: float = float("-inf")
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """CPU's fused flash kernel when nothing needs a gradient (it returns the log-sum-exp but
     no gradient through it) and there is no mask, the differentiable reference otherwise."""
-    wants_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    wants_grad = _wants_grad(q, k, v)
     top_left_ok = not causal or q.shape[-2] == k.shape[-2]  # the fused kernel's causal
     same_dim = v.shape[-1] == q.shape[-1]
     if q.device.type == "cpu" and not wants_grad and top_left_ok and same_dim and mask is None:
@@ -59,6 +63,13 @@ def prefix_ntk_attention(
     causal: bool = False,
     fill: float = float("-inf"),
 ) -> torch.Tensor:
-    """``mask`` (over the input keys, as in the exact contract) is applied to the exact part."""
+    """``mask`` (over the input keys, as in the exact contract) is applied to the exact part.
+    CUDA tensors without gradients go to the Triton exact kernel (``codegen/triton``)."""
+    if q.device.type == "cuda" and not _wants_grad(q, k, v):
+        from attnopt.codegen.triton import prefix_ntk as triton_ntk  # imports triton
+
+        return triton_ntk.prefix_ntk_attention(
+            q, k, v, fq, Z, z, mask, scale=scale, causal=causal, fill=fill
+        )
     out, lse = _exact(q, k, v, scale, causal, mask, fill)
     return combine(out, lse, fq.float(), Z, z).to(q.dtype)
