@@ -57,17 +57,18 @@ class PrefixNTKSite(SiteModule):
             mask = mask[..., p:]
         fq = ref.feature_map(q, self.feature)
         if not bool(self.fitted):
-            self.fit(q, fq, heads.k[0, :, :p], heads.v[0, :, :p], k, v)
+            self.fit(q, fq, heads.k[0, :, :p], heads.v[0, :, :p], k, v, mask)
         flags = {key: self.attrs[key] for key in ("scale", "causal", "fill")}
         return prefix_ntk_attention(q, k, v, fq, self.Z, self.z, mask, **flags)
 
     @torch.no_grad()
-    def fit(self, q, fq, pk, pv, k, v) -> None:
+    def fit(self, q, fq, pk, pv, k, v, mask=None) -> None:
         """Start from the prefix, then least squares on these queries (see ``fit_prefix_state``)."""
         heads = q.shape[1]
-        fk = ref.feature_map(ref._heads(pk[None], heads), self.feature)[0]
-        start = ref.prefix_state(fk, ref._heads(pv[None], heads)[0])
-        _, lse = _exact(q, k, v, self.attrs["scale"], self.attrs["causal"])
+        fk = ref.feature_map(ref.query_heads(pk[None], heads), self.feature)[0]
+        start = ref.prefix_state(fk, ref.query_heads(pv[None], heads)[0])
+        flags = (self.attrs["scale"], self.attrs["causal"], mask, self.attrs["fill"])
+        _, lse = _exact(q, k, v, *flags)
         Z, z = ref.fit_prefix_state(q, fq, pk, pv, lse, start, scale=self.attrs["scale"])
         self.Z.copy_(Z)
         self.z.copy_(z)

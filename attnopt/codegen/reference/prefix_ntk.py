@@ -40,7 +40,8 @@ def feature_weight(heads: int, head_dim: int, feature_dim: int, seed: int = 0) -
     return weight.expand(heads, -1, -1).clone()
 
 
-def _heads(t: torch.Tensor, heads: int) -> torch.Tensor:
+def query_heads(t: torch.Tensor, heads: int) -> torch.Tensor:
+    """kv-head tensors ``(B, Hkv, ...)`` repeated to ``heads`` query heads, in fp32."""
     group = heads // t.shape[1]
     return t.float().repeat_interleave(group, dim=1) if group > 1 else t.float()
 
@@ -58,7 +59,7 @@ def prefix_ntk_attention(
 ) -> torch.Tensor:
     """The formula of the module docstring, written out over the full score matrix."""
     heads = q.shape[1]
-    kf, vf = _heads(k, heads), _heads(v, heads)
+    kf, vf = query_heads(k, heads), query_heads(v, heads)
     scores = (q.float() @ kf.transpose(-2, -1)) * scale
     if causal:
         keep = structural_keep(q.shape[-2], k.shape[-2], True, 0, q.device)
@@ -97,7 +98,7 @@ def fit_prefix_state(
     output; the ridge pulls toward ``start`` (``prefix_state``). ``pk``/``pv``: ``(Hkv, P, ·)``.
     Solved in fp64 per head."""
     heads = q.shape[1]
-    pk, pv = _heads(pk[None], heads)[0].double(), _heads(pv[None], heads)[0].double()
+    pk, pv = query_heads(pk[None], heads)[0].double(), query_heads(pv[None], heads)[0].double()
     scores = (q.double() @ pk.transpose(-2, -1)[None]) * scale  # (B, H, N, P)
     lse_prefix = scores.logsumexp(dim=-1)
     log_total = torch.logaddexp(lse.double(), lse_prefix)
