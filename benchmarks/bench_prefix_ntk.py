@@ -11,6 +11,11 @@ input keys plus the ``Z, z`` terms), with ``Z, z`` fitted on one set of random q
 error (cos, rel_l1 against the exact output) measured on another. Random prefixes and queries:
 the error says how the fit behaves, not what a trained prefix gives. Median of timed runs
 (``torch.utils.benchmark``), best of ``--rounds`` turns; the ratio is exact / prefix_ntk.
+
+    python benchmarks/bench_prefix_ntk.py --module-only --rounds 3
+
+times the module alone (``Z, z`` unfitted, no exact baseline) at every prefix length in
+interleaved turns, so a shared machine's load falls on all lengths alike: is the time flat?
 """
 
 from __future__ import annotations
@@ -61,6 +66,26 @@ def row(p: int, args, device: torch.device) -> dict:
     return {"prefix": p, "exact_ms": t_exact, "ntk_ms": t_ntk, **metrics}
 
 
+def module_only(args, device: torch.device) -> None:
+    """Each round times the module at every prefix length in turn (prints ms per round)."""
+    h, n, d = args.heads, args.n, args.d
+    attrs = {"scale": d**-0.5, "causal": True, "window": 0, "fill": float("-inf"), "kv_group": 1}
+    calls = {}
+    for p in args.prefixes:
+        module = PrefixNTKSite(attrs, p, h, d, d, args.feature_dim).to(device)
+        module.fitted.fill_(True)
+        q, k, v = (torch.randn(1, h, m, d, device=device) for m in (n, p + n, p + n))
+        calls[p] = (module, q, k, v)
+    print(f"{'prefix':>7} " + " ".join(f"{'round ' + str(r):>8}" for r in range(args.rounds)))
+    times = {p: [] for p in calls}
+    with torch.no_grad():
+        for _ in range(args.rounds):
+            for p, (module, q, k, v) in calls.items():
+                times[p].append(median_ms(lambda m=module, a=(q, k, v): m(*a, None), 1))
+    for p, row_ms in times.items():
+        print(f"{p:>7} " + " ".join(f"{t:>8.2f}" for t in row_ms))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--prefixes", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384])
@@ -71,6 +96,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--module-only", action="store_true", help="time prefix_ntk alone")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -79,6 +105,9 @@ def main() -> None:
         f"device={args.device} threads={torch.get_num_threads()} n={args.n} heads={args.heads} "
         f"d={args.d} d'={args.feature_dim or args.d} fp32, causal over the input keys"
     )
+    if args.module_only:
+        module_only(args, device)
+        return
     print(f"{'prefix':>7} {'exact ms':>9} {'ntk ms':>8} {'ratio':>6} {'cos':>7} {'rel_l1':>7}")
     for p in args.prefixes:
         r = row(p, args, device)
