@@ -3,6 +3,7 @@
 from attnopt import errors
 from attnopt.api import OptimizedModule, inspect, optimize
 from attnopt.calibrate import calibrate
+from attnopt.finetune import prefix_ntk
 from attnopt.frontends.dynamo.backend import compile_report
 from attnopt.report import Report
 
@@ -14,5 +15,6 @@ __all__ = [
     "errors",
     "inspect",
     "optimize",
+    "prefix_ntk",
 ]
 __version__ = "0.1.0"

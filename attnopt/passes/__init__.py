@@ -1,6 +1,11 @@
 """Rewrite passes, one file per variant, registered by name in ``PASSES``."""
 
-from attnopt.passes import exact, linear, quant  # noqa: F401  (register every variant)
+from attnopt.passes import (  # noqa: F401  (each module registers its variants)
+    exact,
+    linear,
+    prefix_ntk,
+    quant,
+)
 from attnopt.passes.base import PASSES, Replacement, SiteModule, register_pass
 
 __all__ = ["PASSES", "Replacement", "SiteModule", "register_pass"]

@@ -116,6 +116,7 @@ def _site_from_softmax(view: GraphView, softmax: str) -> AttentionSite:
     site.k = TracedOperand(k.source, k.perm)
     _classify_masks(view, site)
     site.is_cross = not view.same_size(site.q_len, site.kv_len)
+    site.prefix_len = _prefix_len(view, site.k, site.v)
     return site
 
 
@@ -504,6 +505,49 @@ def _band(view: GraphView, term: MaskTerm):
     return keep_band(view, term.operand.source, keep=term.kind == "keep")
 
 
+# -- input-independent prefixes ------------------------------------------------------------
+_SIZE_OPS = ("sym_size", "size", "sym_numel", "sym_stride")  # read an input's shape, not values
+
+
+def _prefix_len(view: GraphView, k: TracedOperand, v: TracedOperand) -> int | None:
+    """``p`` when K and V are ``[P_K; K']`` and ``[P_V; V']`` joined along the key axis, with a
+    static ``p``-token prefix computed from no model input (parameters, buffers, constants)."""
+    lengths = {_prefix_of(view, traced) for traced in (k, v)}
+    length = lengths.pop()
+    return length if not lengths else None
+
+
+def _prefix_of(view: GraphView, traced: TracedOperand) -> int | None:
+    n, rank = traced.source, view.rank(traced.source)
+    if view.op(n) != "concat" or rank is None or len(view.operands(n)) != 2:
+        return None
+    key_axis = traced.perm[-2] if traced.perm is not None else rank - 2
+    prefix = view.operands(n)[0]
+    shape = view.shape(prefix)
+    if view.attrs(n)["axis"] != key_axis or shape is None or not isinstance(prefix, str):
+        return None
+    length = shape[key_axis]
+    if not isinstance(length, int) or length <= 0 or _reads_input(view, prefix):
+        return None
+    return length
+
+
+def _reads_input(view: GraphView, n: str) -> bool:
+    """Whether a model input's values flow into ``n`` (its sizes alone do not count)."""
+    seen, stack = set(), [n]
+    while stack:
+        cur = stack.pop()
+        if cur in seen:
+            continue
+        seen.add(cur)
+        if view.op(cur) == "input":
+            return True
+        if view.op(cur) == "opaque" and view.attrs(cur).get("name") in _SIZE_OPS:
+            continue
+        stack += [o for o in view.operands(cur) if isinstance(o, str)]
+    return False
+
+
 # -- existing fused calls ------------------------------------------------------------------
 def _site_from_sdpa(view: GraphView, node: str) -> AttentionSite:
     attrs = view.attrs(node)
@@ -555,6 +599,7 @@ def _site_from_sdpa(view: GraphView, node: str) -> AttentionSite:
     )
     _classify_masks(view, site)
     site.is_cross = not view.same_size(n, m)
+    site.prefix_len = _prefix_len(view, site.k, site.v)
     for operand in (site.q, site.k, site.v):
         if not view.is_real(operand.source):
             raise _Miss("an SDPA input is an intermediate of a fused op", node)

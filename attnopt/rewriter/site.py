@@ -53,6 +53,7 @@ class AttentionSite:
     dropout_p: float = 0.0
     output_perm: tuple | None = None
     is_cross: bool = False
+    #: tokens of an input-independent prefix the keys and values start with (``[P_K; K]``)
     prefix_len: int | None = None
     source: str = "matmul"  # "matmul" (decomposed) or "sdpa" (an existing fused call)
     k_shape_lead: tuple = ()  # leading dims of k as the op receives it
@@ -109,6 +110,7 @@ class AttentionSite:
         return (
             f"[{dims}] n={self.q_len} m={self.kv_len} d={self.head_dim} {heads} "
             f"scale={self.scale:.4g} {self.dtype} {kind}"
+            + (f" prefix={self.prefix_len}" if self.prefix_len else "")
         )
 
     def signature(self, example_shapes: dict | None = None) -> KernelSignature:

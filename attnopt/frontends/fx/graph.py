@@ -488,6 +488,17 @@ def _expand(b: _Builder, node: fx.Node) -> None:
     b.emit(node, "expand", operands)
 
 
+@_converts("cat", "concat", "concatenate")
+def _cat(b: _Builder, node: fx.Node) -> None:
+    """A concatenation of tensors along one axis (a prefix joined to the keys, for one)."""
+    parts, dim, rank = b.arg(node, 0, "tensors"), b.arg(node, 1, "dim"), b.rank(node)
+    nodes = isinstance(parts, list | tuple) and all(isinstance(p, fx.Node) for p in parts)
+    if not nodes or rank is None:
+        b.emit(node, "opaque", list(node.all_input_nodes), name="cat")
+        return
+    b.emit(node, "concat", list(parts), axis=(dim or 0) % rank)
+
+
 @_converts("repeat_interleave")
 def _repeat_interleave(b: _Builder, node: fx.Node) -> None:
     repeats = b.arg(node, 1, "repeats")
