@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import sympy
 
-from attnopt.rewriter.canonicalize import TracedOperand, trace_operand
+from attnopt.rewriter.canonicalize import TracedOperand, keep_band, scalar_value, trace_operand
 from attnopt.rewriter.detect import (
     _CAST_OPS,
     _WEIGHTS_KEPT,
@@ -141,7 +141,7 @@ def tensor_site(view: GraphView, softmax: str) -> AttentionSite | None:
     if rank is None or view.attrs(softmax)["axis"] != rank - 1:
         return None
     cur = view.operands(softmax)[0]
-    chain, scale = [], 1.0
+    chain, scale, causal = [], 1.0, False
     flat_view = None  # the reshape (…, n, m1, m2) -> (…, n, m1·m2) of the einsum form
     while isinstance(cur, str):
         op = view.op(cur)
@@ -155,6 +155,13 @@ def tensor_site(view: GraphView, softmax: str) -> AttentionSite | None:
             scale *= factor
             chain.append(cur)
             cur = other
+        elif op == "where" and not causal:
+            cur = _pair_causal(view, cur)
+            if cur is None:
+                return None
+            causal = True
+            chain.append(cur[1])
+            cur = cur[0]
         elif op == "reshape" and flat_view is None and not chain:
             flat_view = cur
             chain.append(cur)
@@ -165,16 +172,63 @@ def tensor_site(view: GraphView, softmax: str) -> AttentionSite | None:
         return None
     einsum = _einsum(view, cur, 3)
     if einsum is not None and _scores_equation(einsum[1]) and flat_view is not None:
-        return _einsum_form(view, softmax, cur, einsum[0], flat_view, chain, scale)
-    if view.op(cur) == "matmul" and flat_view is None:
+        site = _einsum_form(view, softmax, cur, einsum[0], flat_view, chain, scale)
+        site.causal = causal
+        same = _equal(view, site.q_len, site.kv_len) and _equal(view, site.kv_len, site.pair_len)
+        if causal and not same:
+            raise _Miss("a causal pair mask with other key lengths than query length", softmax)
+        return site
+    if view.op(cur) == "matmul" and flat_view is None and not causal:
         q, kt = view.operands(cur)
         if isinstance(kt, str) and view.op(kt) == "transpose":
-            perm = view.attrs(kt)["perm"]
+            perm = tuple(view.attrs(kt).get("perm") or ())
             keys = _outer(view, view.operands(kt)[0]) if isinstance(q, str) else None
             swaps_last = len(perm) >= 2 and perm[-2:] == (len(perm) - 1, len(perm) - 2)
             if keys is not None and swaps_last and perm[:-2] == tuple(range(len(perm) - 2)):
                 return _outer_form(view, softmax, cur, q, keys, [*chain, kt], scale)
     return None
+
+
+def _pair_causal(view: GraphView, where: str) -> tuple[str, str] | None:
+    """``(scores, where)`` when ``where`` fills -inf outside ``keep[:, :, None] & keep[:, None,
+    :]`` for the causal triangle ``keep`` of queries × keys (``masked_fill`` of its negation
+    too), else None."""
+    cond, a, b = view.operands(where)
+    if _is_neg_inf(scalar_value(view, b)) and isinstance(a, str):
+        scores, keep = a, True
+    elif _is_neg_inf(scalar_value(view, a)) and isinstance(b, str):
+        scores, keep = b, False
+    else:
+        return None
+    while isinstance(cond, str) and view.op(cond) == "not":
+        cond, keep = view.operands(cond)[0], not keep
+    if not keep or not isinstance(cond, str) or not _is_and(view, cond):
+        return None
+    axes = {}
+    for operand in view.operands(cond):
+        unsq = _skip_full_slices(view, operand)
+        if unsq is None or view.op(unsq) != "unsqueeze":
+            return None
+        rank = view.rank(unsq)
+        axis = view.attrs(unsq)["dim"] - (rank or 0)
+        inner = _skip_full_slices(view, view.operands(unsq)[0])
+        band = keep_band(view, inner, True) if inner is not None else None
+        if band is None or axis not in (-1, -2) or axis in axes:
+            return None
+        if not _equal(view, band.offset, band.cols - band.rows):
+            return None
+        axes[axis] = band
+    return (scores, where) if set(axes) == {-1, -2} else None
+
+
+def _is_and(view: GraphView, n: str) -> bool:
+    """``&`` of two bool tensors (export keeps ``Tensor.__and__`` as an opaque call)."""
+    op = view.op(n)
+    return op == "and" or (op == "opaque" and view.attrs(n).get("name") == "__and__")
+
+
+def _is_neg_inf(value: float | None) -> bool:
+    return value is not None and value <= -1e38
 
 
 def _only_user(view: GraphView, n: str) -> str:
