@@ -6,15 +6,18 @@ from attnopt.calibrate import calibrate
 from attnopt.finetune import prefix_ntk
 from attnopt.frontends.dynamo.backend import compile_report
 from attnopt.report import Report
+from attnopt.tensor_layer import TensorAttention, to_tensor_attention
 
 __all__ = [
     "OptimizedModule",
     "Report",
+    "TensorAttention",
     "calibrate",
     "compile_report",
     "errors",
     "inspect",
     "optimize",
     "prefix_ntk",
+    "to_tensor_attention",
 ]
 __version__ = "0.1.0"

@@ -177,6 +177,14 @@ def choose(
                 over = metrics["max_error"] > limit
                 broken = [f"max error {metrics['max_error']:.2e} > {limit:.0e}"] if over else []
             decision = "kept" if not broken else "rejected: " + ", ".join(broken)
+            call = p.live.op_call
+            note = (
+                getattr(gm.get_submodule(call.target), "note", None)
+                if call.op == "call_module"
+                else None
+            )
+            if note is not None:  # what a replacement module decided on these batches
+                decision += f" ({note()})"
             p.report.trials.append(VariantTrial(chosen.name, dict(knobs), metrics, decision))
             if not broken:
                 p.metrics = metrics

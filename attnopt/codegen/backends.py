@@ -9,6 +9,7 @@ import attnopt.codegen.triton.decode  # noqa: F401
 import attnopt.codegen.triton.exact  # noqa: F401
 import attnopt.codegen.triton.linear  # noqa: F401
 import attnopt.codegen.triton.quant  # noqa: F401
+import attnopt.codegen.triton.tensor  # noqa: F401
 import attnopt.codegen.tvm.decode  # noqa: F401
 import attnopt.codegen.tvm.exact  # noqa: F401
 import attnopt.codegen.tvm.linear  # noqa: F401

@@ -5,6 +5,7 @@ from attnopt.passes import (  # noqa: F401  (each module registers its variants)
     linear,
     prefix_ntk,
     quant,
+    tensor,
 )
 from attnopt.passes.base import PASSES, Replacement, SiteModule, register_pass
 

@@ -14,6 +14,8 @@ class ExactPass:
     knobs: dict[str, tuple] = {}
 
     def applies(self, site: AttentionSite, target: Target) -> str | None:
+        if site.kind == "tensor":
+            return "tensor attention over key pairs: allow variant 'tensor' (its fused kernel)"
         if site.dropout_p > 0:
             return f"dropout p={site.dropout_p} in training is not reproduced by the fused op"
         return None

@@ -101,6 +101,8 @@ class _LinearFamily:
     }
 
     def applies(self, site: AttentionSite, target: Target) -> str | None:
+        if site.kind != "standard":
+            return f"{site.kind} attention site"
         if site.dropout_p > 0:
             return f"dropout p={site.dropout_p} in training"
         if site.masks:

@@ -46,7 +46,7 @@ class Detection:
 def detect(view: GraphView) -> Detection:
     """Every attention site of the view, and the near misses."""
     found = Detection()
-    anchors = [(n, _site_from_softmax) for n in view.nodes("softmax")]
+    anchors = [(n, _site_around_softmax) for n in view.nodes("softmax")]
     anchors += [(n, _site_from_sdpa) for n in view.nodes("sdpa")]
     anchors += [(n, _unexponentiated) for n in view.nodes("log_softmax")]
     for node, build in anchors:
@@ -55,6 +55,15 @@ def detect(view: GraphView) -> Detection:
         except _Miss as miss:
             found.near_misses.append(NearMiss(view.location(node), miss.rule, miss.node))
     return found
+
+
+def _site_around_softmax(view: GraphView, softmax: str) -> AttentionSite:
+    """Tensor attention over key pairs when its own recogniser claims the softmax (it returns
+    None for every other softmax), standard attention otherwise."""
+    from attnopt.rewriter.tensor import tensor_site  # it builds on this module's helpers
+
+    site = tensor_site(view, softmax)
+    return site if site is not None else _site_from_softmax(view, softmax)
 
 
 def _unexponentiated(view: GraphView, node: str) -> AttentionSite:

@@ -57,6 +57,12 @@ class AttentionSite:
     prefix_len: int | None = None
     source: str = "matmul"  # "matmul" (decomposed) or "sdpa" (an existing fused call)
     k_shape_lead: tuple = ()  # leading dims of k as the op receives it
+    #: "standard", or "tensor": attention over key pairs (ALGORITHMS.md §4), where ``k``/``v``
+    #: are the first key and value sets, ``k2``/``v2`` the second and ``pair_len`` their length
+    kind: str = "standard"
+    k2: TracedOperand | None = None
+    v2: TracedOperand | None = None
+    pair_len: Any = None
 
     @property
     def mask_kind(self) -> str:
@@ -107,6 +113,11 @@ class AttentionSite:
         dims = "×".join(str(s) for s in self.scores_shape[:-2])
         heads = f"{self.heads}q/{self.kv_heads}kv heads"
         kind = "cross" if self.is_cross else "self"
+        if self.kind == "tensor":
+            return (
+                f"[{dims}] tensor n={self.q_len} m1={self.kv_len} m2={self.pair_len} "
+                f"d={self.head_dim} scale={self.scale:.4g} {self.dtype}"
+            )
         return (
             f"[{dims}] n={self.q_len} m={self.kv_len} d={self.head_dim} {heads} "
             f"scale={self.scale:.4g} {self.dtype} {kind}"

@@ -214,8 +214,8 @@ def _einsum(b: _Builder, node: fx.Node) -> None:
     equation = node.args[0].replace(" ", "")
     operands = node.args[1] if isinstance(node.args[1], list | tuple) else node.args[1:]
     plan = einsum_as_matmul(equation) if len(operands) == 2 else None
-    if plan is None:
-        b.emit(node, "opaque", list(node.all_input_nodes), name="einsum")
+    if plan is None:  # the equation stays for detectors of other forms (tensor attention)
+        b.emit(node, "opaque", list(operands), name="einsum", equation=equation)
         return
     perm_a, perm_b, perm_out = plan
     left = _maybe_permute(b, node, operands[0], perm_a)

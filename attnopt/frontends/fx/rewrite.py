@@ -115,11 +115,17 @@ def splice(
         k = _cast(graph, _value(graph, view, site.k), view.dtype(site.k.source), site.dtype)
         v = _cast(graph, _value(graph, view, site.v), view.dtype(site.v.source), site.dtype)
         mask = _mask(graph, view, site)
+        # a tensor-attention site's second key and value sets follow the standard operands
+        pairs = [
+            _cast(graph, _value(graph, view, t), view.dtype(t.source), site.dtype)
+            for t in (site.k2, site.v2)
+            if t is not None
+        ]
         attrs = replacement.attrs
         if replacement.module is not None:
             name = _free_name(gm)
             gm.add_submodule(name, replacement.module)
-            call = graph.call_module(name, (q, k, v, mask))
+            call = graph.call_module(name, (q, k, v, mask, *pairs))
         else:
             call = graph.call_function(
                 _resolve_op(replacement.op),

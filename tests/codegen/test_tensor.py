@@ -1,0 +1,120 @@
+"""Tensor attention: the naive einsum oracle against the definition written as loops, the fused
+blocked form against the oracle (fp32 to 1e-5, causal, windowed, odd sizes, blocks smaller
+than the sequence), and the polynomial approximation's error falling with its degree."""
+
+import math
+
+import pytest
+import torch
+
+from attnopt.codegen.eager import tensor as eager
+from attnopt.codegen.reference import tensor as ref
+
+
+def rel(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((actual.double() - expected.double()).norm() / expected.double().norm()).item()
+
+
+def inputs(b=1, h=2, n=13, m1=13, m2=13, d=4, dv=5, seed=0, spread=1.0):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, h, n, d, generator=gen) * spread
+    k1 = torch.randn(b, h, m1, d, generator=gen)
+    k2 = torch.randn(b, h, m2, d, generator=gen)
+    v1 = torch.randn(b, h, m1, dv, generator=gen)
+    v2 = torch.randn(b, h, m2, dv, generator=gen)
+    return q, k1, k2, v1, v2
+
+
+def by_loops(q, k1, k2, v1, v2, scale, causal, window):
+    """ALGORITHMS.md §4 written out pair by pair (N == M), in float64."""
+    q, k1, k2, v1, v2 = (t.double() for t in (q, k1, k2, v1, v2))
+    b, h, n, _ = q.shape
+    out = torch.zeros(b, h, n, v1.shape[-1], dtype=torch.float64)
+    for bi in range(b):
+        for hi in range(h):
+            for i in range(n):
+                num, den = 0.0, 0.0
+                for j in range(k1.shape[-2]):
+                    for l in range(k2.shape[-2]):  # noqa: E741
+                        if causal and (j > i or l > i):
+                            continue
+                        if window and (abs(i - j) >= window or abs(i - l) >= window):
+                            continue
+                        w = math.exp(
+                            scale * float((q[bi, hi, i] * k1[bi, hi, j] * k2[bi, hi, l]).sum())
+                        )
+                        num = num + w * v1[bi, hi, j] * v2[bi, hi, l]
+                        den += w
+                out[bi, hi, i] = num / den
+    return out
+
+
+@pytest.mark.parametrize(("causal", "window"), [(False, 0), (True, 0), (True, 3)])
+def test_naive_matches_definition(causal, window):
+    args = inputs(h=1, n=5, m1=5, m2=5)
+    expected = by_loops(*args, 0.7, causal, window)
+    assert (
+        rel(ref.tensor_attention(*args, scale=0.7, causal=causal, window=window), expected) < 1e-6
+    )
+
+
+@pytest.mark.parametrize(
+    ("causal", "window", "sizes"),
+    [
+        (False, 0, (13, 13, 13)),
+        (False, 0, (9, 11, 7)),  # cross: other key counts
+        (True, 0, (13, 13, 13)),
+        (True, 4, (21, 21, 21)),
+        (False, 5, (13, 13, 13)),  # two-sided window
+    ],
+)
+def test_fused_matches_naive(causal, window, sizes):
+    n, m1, m2 = sizes
+    args = inputs(n=n, m1=m1, m2=m2)
+    expected = ref.tensor_attention(*args, scale=0.5, causal=causal, window=window)
+    fused = eager.tensor_attention(*args, scale=0.5, causal=causal, window=window, block=4)
+    assert rel(fused, expected) < 1e-5
+
+
+def test_fused_keeps_large_scores_finite():
+    args = inputs(spread=30.0)
+    expected = ref.tensor_attention(*args, scale=1.0, causal=True)
+    fused = eager.tensor_attention(*args, scale=1.0, causal=True, block=4)
+    assert torch.isfinite(fused).all()
+    assert rel(fused, expected) < 1e-5
+
+
+@pytest.mark.parametrize(("causal", "window"), [(False, 0), (True, 0), (True, 4)])
+def test_polynomial_error_falls_with_degree(causal, window):
+    args = inputs(n=16, m1=16, m2=16, spread=0.1)
+    expected = ref.tensor_attention(*args, scale=0.5, causal=causal, window=window)
+    errors = [
+        rel(
+            ref.polynomial_tensor_attention(
+                *args, scale=0.5, degree=g, causal=causal, window=window
+            ),
+            expected,
+        )
+        for g in (1, 2, 3, 4)
+    ]
+    assert all(a > b for a, b in zip(errors, errors[1:], strict=False)), errors
+    assert errors[-1] < 1e-4
+
+
+def test_polynomial_features_give_taylor_series():
+    q, k1, k2, _, _ = inputs(n=3, m1=3, m2=3)
+    u1 = ref.polynomial_features(q, 3, 0.5)
+    u2, u3 = ref.polynomial_features(k1, 3), ref.polynomial_features(k2, 3)
+    x = 0.5 * torch.einsum("bhid,bhjd,bhld->bhijl", q, k1, k2)
+    taylor = 1 + x + x**2 / 2 + x**3 / 6
+    assert rel(torch.einsum("bhir,bhjr,bhlr->bhijl", u1, u2, u3), taylor) < 1e-5
+
+
+def test_dispatch_runs_a_registered_kernel_with_gradients():
+    from attnopt.codegen.tensor_ops import tensor_forward
+
+    args = [t.requires_grad_() for t in inputs(n=7, m1=7, m2=7)]
+    out = tensor_forward(*args, scale=0.5, causal=True)
+    assert rel(out, ref.tensor_attention(*args, scale=0.5, causal=True)) < 1e-5
+    out.sum().backward()
+    assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in args)
