@@ -3,21 +3,27 @@ columns (``O(k·log n)`` columns of ``O(n·d)`` each), then per segment one caus
 convolution, numerator and denominator together (``V`` with a column of ones appended), one
 division. Same contract as ``codegen/reference/conv_basis.py``.
 
-Each segment ``t`` (columns ``[c_t, e_t)``, basis ``E_t = exp(S_t − shift)`` of length
+Each segment ``t`` (columns ``[c_t, e_t)``, basis ``E_t = exp(S_t − max S_t)`` of length
 ``r_t = n − c_t``) adds ``E_t ∗ V[c_t:e_t]`` to rows ``c_t..n−1``: only positive terms, so no
-cancellation, and its FFT length is the first 5-smooth size ``≥ r_t + (e_t − c_t) − 1``.
+cancellation; rows rescale the segments' parts by their maxima; its FFT length is the first
+5-smooth size ``≥ r_t + (e_t − c_t) − 1``.
 Heads whose segmentation is the same (every bias-only head of an ALiBi site) share the calls.
 Heads with more than ``k_max`` segments are computed exactly.
 """
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
 from attnopt.codegen.reference.conv_basis import matches, score_column
 
+FP32_RANGE = 6.0  # e^6 × fp32 FFT rounding (~1e-7·log n) stays near 1e-4 of a row's sum
 
+
+@functools.lru_cache(maxsize=256)
 def fast_len(n: int) -> int:
     """The smallest ``2^a·3^b·5^c ≥ n`` (pocketfft and cuFFT are fastest on such sizes)."""
     best = 1 << max(0, (n - 1).bit_length())
@@ -78,27 +84,44 @@ def content_bound(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tenso
     return scale * q.float().norm(dim=-1).amax(-1) * k.float().norm(dim=-1).amax(-1)
 
 
-def _convolve(basis: torch.Tensor, values: torch.Tensor, rows: int) -> torch.Tensor:
+def _convolve(basis: torch.Tensor, values: torch.Tensor, rows: int, wide: bool) -> torch.Tensor:
     """First ``rows`` outputs of the causal convolution of ``basis (G, r)`` with
-    ``values (G, m, c)`` along the length."""
+    ``values (G, m, c)`` along the length; in fp64 when ``wide``."""
     size = fast_len(basis.shape[-1] + values.shape[-2] - 1)
+    if wide:
+        basis, values = basis.double(), values.double()
     spectrum = torch.fft.rfft(basis, n=size, dim=-1).unsqueeze(-1)
     spectrum = spectrum * torch.fft.rfft(values, n=size, dim=-2)
-    return torch.fft.irfft(spectrum, n=size, dim=-2)[:, :rows]
+    return torch.fft.irfft(spectrum, n=size, dim=-2)[:, :rows].float()
 
 
 def conv_basis_heads(
-    firsts: list[torch.Tensor], starts: list[int], values: torch.Tensor
+    firsts: list[torch.Tensor], starts: list[int], values: torch.Tensor, diagonal: torch.Tensor
 ) -> torch.Tensor:
-    """``Â·[V 1]`` for ``G`` heads sharing ``starts``; ``firsts[t] (G, n − c_t)`` are the
-    segments' first score columns, ``values (G, n, dv + 1)``."""
+    """``Â·[V 1]`` for ``G`` heads sharing ``starts``, up to a positive factor per row;
+    ``firsts[t] (G, n − c_t)`` are the segments' first score columns, ``values (G, n, dv+1)``.
+
+    Each segment is convolved against its own maximum (so the FFT's rounding is relative to
+    that segment's weights, not to the largest score of the head), and the rows combine the
+    segments as online softmax combines blocks: a running maximum per row. A row's weight sum
+    is at least ``exp(diagonal[i] − peak_t)`` on segment ``t``'s scale; where that falls below
+    ``e^−FP32_RANGE`` for some row the fp32 FFT's rounding would swamp it, and that segment's
+    convolution runs in fp64 (``diagonal (G, n)``: the scores ``H[i, i]``)."""
     g, n, width = values.shape
-    shift = torch.stack([f.amax(-1) for f in firsts], -1).amax(-1, keepdim=True)
-    out = values.new_zeros(g, n, width)
+    floor = diagonal.flip(-1).cummin(-1).values.flip(-1)  # min over rows ≥ i
+    out, top = values, values  # set by the first segment
     bounds = [*starts, n]
     for t, first in enumerate(firsts):
         c, e = bounds[t], bounds[t + 1]
-        out[:, c:] += _convolve(torch.exp(first - shift), values[:, c:e], n - c)
+        peak = first.amax(-1, keepdim=True)[..., None]  # (G, 1, 1)
+        wide = bool((peak[:, 0, 0] - floor[:, c]).amax() > FP32_RANGE)
+        part = _convolve(torch.exp(first - peak[..., 0]), values[:, c:e], n - c, wide)
+        if t == 0:  # the first segment starts at row 0: nothing to rescale yet
+            out, top = part, peak.expand(g, n, 1).clone()
+            continue
+        new = torch.maximum(top[:, c:], peak)
+        out[:, c:] = out[:, c:] * torch.exp(top[:, c:] - new) + part * torch.exp(peak - new)
+        top[:, c:] = new
     return out
 
 
@@ -119,7 +142,11 @@ def conv_basis_attention(
     b, h, n, _ = q.shape
     group = h // k.shape[1]
     full = None if mask is None else mask.float().expand(b, h, n, n)
-    bound = content_bound(q, k.repeat_interleave(group, 1) if group > 1 else k, scale)
+    k_full = k.repeat_interleave(group, 1) if group > 1 else k
+    bound = content_bound(q, k_full, scale)
+    diagonals = (q.float() * k_full.float()).sum(-1) * scale
+    if full is not None:
+        diagonals = diagonals + full.diagonal(dim1=-2, dim2=-1)
     ones = v.new_ones(*v.shape[:-1], 1, dtype=torch.float32)
     values = torch.cat([v.float(), ones], -1)
     out = torch.empty(b, h, n, v.shape[-1])
@@ -143,7 +170,8 @@ def conv_basis_attention(
     for starts, members in groups.items():
         firsts = [torch.stack([m[2][t] for m in members]) for t in range(len(starts))]
         vals = torch.stack([values[bi, hi // group] for bi, hi, _ in members])
-        both = conv_basis_heads(firsts, list(starts), vals)
+        diagonal = torch.stack([diagonals[bi, hi] for bi, hi, _ in members])
+        both = conv_basis_heads(firsts, list(starts), vals, diagonal)
         result = both[..., :-1] / both[..., -1:]
         for index, (bi, hi, _) in enumerate(members):
             out[bi, hi] = result[index]
