@@ -165,12 +165,16 @@ def choose(
         for p in pending:
             chosen, knobs = p.current
             p.live = splice(gm, view, p.site, chosen.replacement(p.site, **knobs))
+        settled = _settle(gm, pending, batches, budget)
         sums, _ = measure(gm, {i: p.live for i, p in enumerate(pending)}, batches, references)
         still = []
         for i, p in enumerate(pending):
             chosen, knobs = p.current
             metrics = sums[i].metrics()
-            if chosen.approximate:
+            refusal, parts = settled.get(i, (None, []))
+            if refusal is not None:
+                broken = [refusal]
+            elif chosen.approximate:
                 broken = violations(metrics, budget.site_limits(chosen))
             else:
                 limit = exact_limit(p.site.dtype)
@@ -185,7 +189,8 @@ def choose(
             )
             if note is not None:  # what a replacement module decided on these batches
                 decision += f" ({note()})"
-            p.report.trials.append(VariantTrial(chosen.name, dict(knobs), metrics, decision))
+            trial = VariantTrial(chosen.name, dict(knobs), metrics, decision, parts)
+            p.report.trials.append(trial)
             if not broken:
                 p.metrics = metrics
                 continue
@@ -196,6 +201,30 @@ def choose(
                 still.append(p)
         pending = still
     return _fit_model(gm, view, plans, batches, references, budget)
+
+
+def _settle(gm, plans: list[SitePlan], batches: list[Inputs], budget: Budget) -> dict:
+    """Site modules that choose parts of themselves (``observes``) watch the calibration
+    batches once, then fit the site budget: ``{plan index: (refusal or None, parts)}``."""
+    watching = {
+        i: p.live.replacement.module
+        for i, p in enumerate(plans)
+        if getattr(p.live.replacement.module, "observes", False)
+    }
+    if not watching:
+        return {}
+    for module in watching.values():
+        module.watch(True)
+    gm.recompile()
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                gm(*batch.args, **batch.kwargs)
+    except BaseException:
+        for module in watching.values():
+            module.watch(False)
+        raise
+    return {i: module.fit(budget.site) for i, module in watching.items()}
 
 
 def _fit_model(gm, view, plans, batches, references, budget: Budget) -> dict[str, float]:

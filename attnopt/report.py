@@ -21,6 +21,7 @@ class VariantTrial:
     knobs: dict
     metrics: dict[str, float]  # cos, rel_l1, rmse, max_error
     decision: str  # "kept", "rejected: <why>" or "backed off: <why>"
+    heads: list[dict] = field(default_factory=list)  # per-head figures (variants chosen by head)
 
 
 @dataclass

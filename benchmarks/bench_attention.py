@@ -37,6 +37,14 @@ exact kernel (``--backend``) at each n and d (``--d``, default 64 128; causal un
 Approximate variants (``linear``, ``gla``, ``hybrid``) time the rewritten site's module (the
 kernel it dispatches to for the device) against causal SDPA on the same random q, k, v, with
 the measured error against SDPA's output beside each speed (cos and rel_l1).
+
+    python benchmarks/bench_attention.py --variant conv_basis --device cpu --n 4096 16384 --k 1 4
+
+``conv_basis`` times its site module (every head conv-basis, basis recovered on each call)
+against causal SDPA on q, k whose scores have exactly ``k`` segments (``--k``): rotary-style
+``q_i = [cos ω i, sin ω i]``, ``k_j = a_t(j)·[cos ω j, sin ω j]`` with one amplitude per key
+segment, so ``q_i·k_j`` depends on ``i − j`` and the segment alone. The k column is the count
+the module recovered; SDPA is timed once per n.
 """
 
 from __future__ import annotations
@@ -447,14 +455,64 @@ def _cpu_name() -> str:
     return f"{torch.get_num_threads()} threads, torch {isa}, int8 dot {dot[0] if dot else 'none'}"
 
 
+def segmented_qkv(heads: int, n: int, d: int, segments: int, gen: torch.Generator):
+    """q, k, v whose causal scores have exactly ``segments`` conv-basis segments per head."""
+    omega = torch.rand(heads, 1, d // 2, generator=gen) * 0.05
+    angles = torch.arange(n).float()[None, :, None] * omega
+    rotary = torch.cat([angles.cos(), angles.sin()], -1)  # (heads, n, d): |scale·q·k| ≤ 4·a
+    starts = torch.linspace(0, n, segments + 1)[:-1].long()
+    amplitude = 1 + torch.rand(heads, segments, generator=gen)
+    which = torch.bucketize(torch.arange(n), starts, right=True) - 1
+    k = rotary * amplitude[:, which, None]
+    return rotary[None], k[None], torch.randn(1, heads, n, d, generator=gen)
+
+
+def bench_conv_basis(args, device: str, dtype, measure) -> None:
+    """conv_basis site module vs causal SDPA on scores with k segments, error beside speed."""
+    from attnopt.passes.conv_basis import ConvBasisSite
+
+    table = Table(title=f"conv_basis vs SDPA (causal) on {device}, {str(dtype)[6:]}")
+    for column in ("n", "heads", "d", "k", "ms", "SDPA ms", "× SDPA", "cos", "rel_l1"):
+        table.add_column(column)
+    heads, d = args.heads, (args.d or [64])[0]
+    attrs = {"scale": d**-0.5, "causal": True, "window": 0, "fill": float("-inf"), "kv_group": 1}
+    for n in args.n or [4096, 16384, 65536]:
+        sdpa_ms = None
+        for segments in args.k:
+            gen = torch.Generator().manual_seed(segments)
+            q, k, v = (t.to(device, dtype) for t in segmented_qkv(heads, n, d, segments, gen))
+            site = ConvBasisSite(attrs, heads, tau=1e-3, k_max=max(16, segments)).to(device)
+            with torch.no_grad():
+                ref = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+                out = site(q, k, v, None)
+                recovered = site._conv(q, k, v, None, site.conv_heads, site.bias_heads)[1]
+                ms = measure(lambda q=q, k=k, v=v, site=site: site(q, k, v, None))
+                if sdpa_ms is None:
+                    sdpa_ms = measure(
+                        lambda q=q, k=k, v=v: F.scaled_dot_product_attention(
+                            q, k, v, is_causal=True
+                        )
+                    )
+            a, b = out.double().flatten(), ref.double().flatten()
+            cos = F.cosine_similarity(a, b, dim=0).item()
+            rel_l1 = ((a - b).abs().sum() / b.abs().sum()).item()
+            ks = sorted(set(recovered.flatten().tolist()))
+            cells = (n, heads, d, ",".join(map(str, ks)), f"{ms:.2f}", f"{sdpa_ms:.2f}")
+            table.add_row(*map(str, cells), f"{sdpa_ms / ms:.2f}", f"{cos:.5f}", f"{rel_l1:.2e}")
+            Console().print(table)
+
+
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=["cuda", "cpu"], default=None)
     parser.add_argument(
-        "--variant", choices=["exact", "linear", "gla", "hybrid", "quant"], default="exact"
+        "--variant",
+        choices=["exact", "linear", "gla", "hybrid", "quant", "conv_basis"],
+        default="exact",
     )
     parser.add_argument("--bits", type=int, choices=[8, 4], default=8, help="quant: Q/K bits")
     parser.add_argument("--pv", choices=["fp16", "bf16", "fp8"], default="fp16", help="quant P·V")
+    parser.add_argument("--k", type=int, nargs="+", default=[1, 4, 16], help="conv_basis segments")
     parser.add_argument("--feature-map", choices=["elu", "relu", "hedgehog"], default="elu")
     parser.add_argument("--heads", type=int, default=4, help="heads (approximate variants)")
     parser.add_argument("--backend", default=None, help="registered kernel name (default: best)")
@@ -501,8 +559,9 @@ def main() -> None:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = DTYPES[args.dtype or ("bf16" if device == "cuda" else "fp32")]
     measure = timer(device, args.warmup, args.rep)
-    if args.variant == "quant":
-        bench_quant(args, device, dtype, measure)
+    if args.variant in ("quant", "conv_basis"):
+        bench = bench_quant if args.variant == "quant" else bench_conv_basis
+        bench(args, device, dtype, measure)
         return
     if args.variant != "exact":
         bench_variant(args, device, dtype, measure)

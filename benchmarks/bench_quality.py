@@ -11,6 +11,13 @@ the original model. Held-out text: fractions.py.
 A second table lets the error budget choose: every site may take ``hybrid``, ``gla``,
 ``linear`` or ``exact`` (in that order) under ``rel_l1 ≤ 0.5, cos ≥ 0.8`` per site and each
 ``--model-rel-l1`` level for the logits; it gives each plan's perplexity and tokens/s.
+
+    python benchmarks/bench_quality.py --conv-basis [--budgets 0.01 0.05 0.2] [--long 8192]
+
+``--conv-basis`` runs the ALiBi twin of the fixture (``tiny_lm_alibi.pt``) with variants
+``("conv_basis", "exact")`` at each site budget (``rel_l1``, also the model budget): the heads
+conv-basis takes (k and error per head), the held-out perplexity, and the time of one forward
+pass at each ``--long`` context against the original model.
 """
 
 from __future__ import annotations
@@ -52,6 +59,50 @@ def mean_rel_l1(errors: dict) -> float:
     return sum(e["rel_l1"] for e in errors.values()) / len(errors)
 
 
+def forward_s(model, n: int) -> float:
+    tokens = torch.randint(0, 256, (1, n), generator=torch.Generator().manual_seed(n))
+    with torch.no_grad():
+        start = time.perf_counter()
+        model(tokens)
+    return time.perf_counter() - start
+
+
+def conv_basis_table(budgets: list[float], long: list[int]) -> None:
+    """Share of heads conv-basis takes on the ALiBi fixture per budget, ppl, long-context time."""
+    train, held = text_bytes(TRAIN_FILES), text_bytes(HELD_OUT_FILES)
+    cal = [(b,) for b in batches(train, 2, 128, 4, seed=7)]
+    model = load(alibi=True)
+    base = {n: forward_s(model, n) for n in long}
+    table = Table(title="conv_basis on the ALiBi fixture (byte LM, 2 layers, 4 heads, d=64)")
+    for column in ("budget rel_l1", "conv heads", "ppl", *(f"s @{n} (exact)" for n in long)):
+        table.add_column(column)
+    table.add_row(
+        "exact", "0/8", f"{perplexity(model, held):.3f}", *(f"{t:.2f}" for t in base.values())
+    )
+    for budget in budgets:
+        opt = attnopt.optimize(
+            model,
+            cal[0],
+            variants=("conv_basis", "exact"),
+            tolerance={"rel_l1": budget},
+            calibration=cal,
+        )
+        for site in opt.attnopt_report.sites:
+            Console().print(f"budget {budget}: {site.location} -> {site.variant}")
+            for r in site.trials[0].heads:
+                Console().print(f"  head {r['head']} k={r['k']} rel_l1={r['rel_l1']:.3e} "
+                                f"{r['variant']} {r.get('reason', '')}")  # fmt: skip
+        taken = sum(
+            r["variant"] == "conv_basis"
+            for site in opt.attnopt_report.sites
+            if site.variant == "conv_basis"
+            for r in site.trials[0].heads
+        )
+        times = (f"{forward_s(opt, n):.2f} ({base[n]:.2f})" for n in long)
+        table.add_row(f"{budget:g}", f"{taken}/8", f"{perplexity(opt, held):.3f}", *times)
+    Console().print(table)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--steps", type=int, default=100, help="calibration steps")
@@ -59,7 +110,14 @@ def main() -> None:
     parser.add_argument(
         "--model-rel-l1", nargs="+", type=float, default=[0.05, 0.3], help="model budget levels"
     )
+
+    parser.add_argument("--conv-basis", action="store_true", help="the ALiBi conv_basis table")
+    parser.add_argument("--budgets", type=float, nargs="+", default=[0.01, 0.05, 0.2])
+    parser.add_argument("--long", type=int, nargs="*", default=[8192], help="contexts to time")
     args = parser.parse_args()
+    if args.conv_basis:
+        conv_basis_table(args.budgets, args.long)
+        return
     train, held = text_bytes(TRAIN_FILES), text_bytes(HELD_OUT_FILES)
     cal = [(b,) for b in batches(train, 4, 128, 8, seed=7)]
     evaluate = [(b,) for b in batches(held, 2, 128, 8, seed=9)]

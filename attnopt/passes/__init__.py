@@ -1,6 +1,7 @@
 """Rewrite passes, one file per variant, registered by name in ``PASSES``."""
 
 from attnopt.passes import (  # noqa: F401  (each module registers its variants)
+    conv_basis,
     exact,
     linear,
     prefix_ntk,

@@ -97,7 +97,20 @@ class SiteModule(nn.Module):
     While ``transfer`` is a list (``attnopt.calibrate`` sets it), each call also appends the
     MSE between its output and the exact softmax attention of the same inputs: the attention
     transfer loss of ALGORITHMS.md §3.
+
+    A module with ``observes = True`` settles choices of its own (conv_basis: which heads) on
+    the calibration batches: the budget calls ``watch(True)``, runs the batches, then ``fit``.
     """
+
+    observes = False
+
+    def watch(self, on: bool) -> None:
+        """Start (or stop) recording what ``fit`` needs from the calibration calls."""
+
+    def fit(self, site_budget: dict[str, float]) -> tuple[str | None, list[dict]]:
+        """Settle within ``site_budget``; returns why nothing fits (None if it does) and the
+        per-part figures the report shows (one dict per head for conv_basis)."""
+        return None, []
 
     def __init__(self, attrs: dict) -> None:
         super().__init__()
