@@ -27,9 +27,6 @@ NEEDS_MASK = {"gpt2", "llama_gqa", "falcon_alibi"}
 #: ``Mul`` onnxruntime's CPU provider has no kernel for, the TorchScript one a complex128 ``Mul``):
 #: nothing for attnopt to convert; the test checks the error names it.
 ORT_CANNOT_LOAD = {("falcon_alibi", "dynamo"), ("falcon_alibi", "torchscript")}
-#: Sites found but left unfused in ONNX, with the reason the report gives (open work: Bloom's
-#: ALiBi mask is added to a 3-D view of the scores whose sizes the export leaves symbolic).
-NOT_FUSED = {"bloom": "a mask applied to a view of the scores of unknown sizes"}
 
 
 @pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
@@ -48,10 +45,6 @@ def test_model_converted_and_equivalent(name: str, exporter: str, tmp_path) -> N
         with pytest.raises(OnnxModelError, match="onnxruntime cannot load the original model"):
             check_conversion(path, dims, sites)
         pytest.skip(f"onnxruntime cannot load the {exporter} exporter's {name} model")
-    if name in NOT_FUSED:
-        report = check_conversion(path, dims, sites, rewritten=0)
-        assert all(NOT_FUSED[name] in s.reason for s in report.sites), report.to_json()
-        return
     report = check_conversion(path, dims, sites)
     kernels = {s.kernel for s in report.sites}
     expected = "GroupQueryAttention" if name == "llama_gqa" else "MultiHeadAttention"
