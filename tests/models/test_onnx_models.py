@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from attnopt.errors import OnnxModelError
-from tests.models.test_transformers import BATCH, MODELS, SEQ
+from tests.models.test_transformers import BATCH, MODELS, SEQ, bert, gpt2, llama_gqa
 from tests.onnx_helpers import check_conversion, export
 
 pytest.importorskip("transformers")
@@ -27,9 +27,6 @@ NEEDS_MASK = {"gpt2", "llama_gqa", "falcon_alibi"}
 #: ``Mul`` onnxruntime's CPU provider has no kernel for, the TorchScript one a complex128 ``Mul``):
 #: nothing for attnopt to convert; the test checks the error names it.
 ORT_CANNOT_LOAD = {("falcon_alibi", "dynamo"), ("falcon_alibi", "torchscript")}
-#: Sites found but left unfused in ONNX, with the reason the report gives (open work: Bloom's
-#: ALiBi mask is added to a 3-D view of the scores whose sizes the export leaves symbolic).
-NOT_FUSED = {"bloom": "a mask applied to a view of the scores of unknown sizes"}
 
 
 @pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
@@ -48,11 +45,23 @@ def test_model_converted_and_equivalent(name: str, exporter: str, tmp_path) -> N
         with pytest.raises(OnnxModelError, match="onnxruntime cannot load the original model"):
             check_conversion(path, dims, sites)
         pytest.skip(f"onnxruntime cannot load the {exporter} exporter's {name} model")
-    if name in NOT_FUSED:
-        report = check_conversion(path, dims, sites, rewritten=0)
-        assert all(NOT_FUSED[name] in s.reason for s in report.sites), report.to_json()
-        return
     report = check_conversion(path, dims, sites)
     kernels = {s.kernel for s in report.sites}
     expected = "GroupQueryAttention" if name == "llama_gqa" else "MultiHeadAttention"
     assert kernels == {f"com.microsoft.{expected}"}, report.to_json()
+
+
+@pytest.mark.parametrize("builder", [gpt2, bert, llama_gqa], ids=lambda b: b.__name__)
+def test_sdpa_attention_torchscript_export_fused(builder, tmp_path) -> None:
+    """Hugging Face's ``sdpa`` attention: the TorchScript exporter writes
+    ``scaled_dot_product_attention`` as its own decomposition (q and k each scaled by
+    √scale, a causal mask built in the graph), which is found and fused like the eager form."""
+    model, make_inputs, sites = builder("sdpa")
+    assert model.config._attn_implementation == "sdpa"
+    inputs = make_inputs(BATCH, SEQ)
+    inputs.setdefault("attention_mask", torch.ones_like(inputs["input_ids"]))
+    path = tmp_path / f"{builder.__name__}.onnx"
+    dynamic = {k: DYNAMIC[k] for k in inputs}
+    export(model.eval(), inputs, path, dynamo=False, opset=18, dynamic=dynamic)
+    report = check_conversion(path, {"batch": BATCH, "seq": SEQ}, sites)
+    assert all(s.kernel.startswith("com.microsoft.") for s in report.sites), report.to_json()

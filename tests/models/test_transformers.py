@@ -17,7 +17,7 @@ def _ids(batch: int = BATCH, seq: int = SEQ) -> torch.Tensor:
     return torch.randint(0, VOCAB, (batch, seq))
 
 
-def gpt2():
+def gpt2(attn: str = "eager"):
     config = transformers.GPT2Config(
         n_layer=2,
         n_embd=64,
@@ -27,12 +27,12 @@ def gpt2():
         bos_token_id=0,
         eos_token_id=0,
         use_cache=False,
-        attn_implementation="eager",
+        attn_implementation=attn,
     )
     return transformers.GPT2LMHeadModel(config), lambda b, s: {"input_ids": _ids(b, s)}, 2
 
 
-def bert():
+def bert(attn: str = "eager"):
     config = transformers.BertConfig(
         num_hidden_layers=2,
         hidden_size=64,
@@ -40,7 +40,7 @@ def bert():
         intermediate_size=128,
         vocab_size=VOCAB,
         max_position_embeddings=64,
-        attn_implementation="eager",
+        attn_implementation=attn,
     )
 
     def inputs(b, s):
@@ -51,7 +51,7 @@ def bert():
     return transformers.BertModel(config), inputs, 2
 
 
-def llama_gqa():
+def llama_gqa(attn: str = "eager"):
     config = transformers.LlamaConfig(
         num_hidden_layers=2,
         hidden_size=64,
@@ -61,7 +61,7 @@ def llama_gqa():
         vocab_size=VOCAB,
         max_position_embeddings=64,
         use_cache=False,
-        attn_implementation="eager",
+        attn_implementation=attn,
     )
     return transformers.LlamaForCausalLM(config), lambda b, s: {"input_ids": _ids(b, s)}, 2
 

@@ -459,10 +459,16 @@ class _Emitter:
         if term.relayout is None:
             return value
         there, back = (self.graph.view.handle(r) for r in term.relayout)
-        sizes = self.graph.values.ints.get(there.input[1])
-        if sizes is None or any(isinstance(s, int) and s <= 0 for s in sizes):
+        target = there.input[1]
+        sizes = self.graph.values.ints.get(target)
+        if sizes is None or any(isinstance(s, int) and s < -1 for s in sizes):
             raise NotExpressible("a mask applied to a view of the scores of unknown sizes")
-        expanded = self.node("Expand", [value, there.input[1]])
+        if 0 in sizes and not any(a.name == "allowzero" and a.i for a in there.attribute):
+            raise NotExpressible("a mask applied to a view of the scores sized by a 0 (copy)")
+        if -1 in sizes:  # the size the Reshape infers: the mask's own there (detection checked)
+            minus_one, one = (self.const(np.array(x, np.int64)) for x in (-1, 1))
+            target = self.node("Where", [self.node("Equal", [target, minus_one]), one, target])
+        expanded = self.node("Expand", [value, target])
         allowzero = next((a.i for a in back.attribute if a.name == "allowzero"), 0)
         return self.node("Reshape", [expanded, back.input[1]], allowzero=allowzero)
 

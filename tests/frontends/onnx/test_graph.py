@@ -32,8 +32,6 @@ ONNX_SITES = {
     "gqa_5d_broadcast": (1, 0),
     # the exporter reads the scores' Shape for expand_as: a use outside the attention in ONNX
     "mask_eq0_view_expand_as": (0, 0),
-    # found, but the ONNX splice cannot size the mask's (b, h, n, m) -> (b·h, n, m) relayout
-    "bmm_probs_viewed_back_after_softmax": (1, 0),
 }
 #: Forms the TorchScript exporter cannot trace, with why.
 TORCHSCRIPT_FAILS = {
@@ -58,6 +56,7 @@ DYNAMO_FORMS = [
     "sdpa_additive_mask",
     "nn_multihead_attention",
     "opt_style_bmm_4d_mask",
+    "bmm_probs_viewed_back_after_softmax",
     "two_layers",
     "guard_returns_attention_weights",
 ]
