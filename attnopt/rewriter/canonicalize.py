@@ -321,6 +321,8 @@ def _band_from_compare(view: GraphView, n: str, keep: bool) -> Band | None:
     if pa is None or pb is None:
         return None
     (axis_a, off_a, len_a), (axis_b, off_b, len_b) = pa, pb
+    if (axis_a is None) != (axis_b is None):  # a single position lies along the other axis
+        axis_a, axis_b = axis_a or -3 - axis_b, axis_b or -3 - axis_a
     if {axis_a, axis_b} != {-2, -1}:
         return None
     if axis_a == -1:  # normalise to rows CMP' cols
@@ -371,16 +373,40 @@ def _positions(view: GraphView, n: Operand) -> tuple | None:
     if shape is None:
         return None
     laid_along = [i - len(shape) for i, s in enumerate(shape) if s != 1]
-    if len(laid_along) != 1:
+    if len(laid_along) > 1:
         return None
-    axis_hint = laid_along[0]
-    while isinstance(n, str) and view.op(n) in ("unsqueeze", "reshape", "slice"):
+    axis_hint = laid_along[0] if laid_along else None  # one position (a decode step's query)
+    shift = 0
+    while isinstance(n, str) and view.op(n) in ("unsqueeze", "reshape", "slice", "add", "sub"):
+        if view.op(n) in ("add", "sub"):
+            moved = _shifted(view, n)
+            if moved is None:
+                return None
+            n, delta = moved
+            shift += delta
+            continue
         if view.op(n) == "slice" and view.attrs(n)["start"] not in (None, 0):
             return None
         n = view.operands(n)[0]
     if not isinstance(n, str) or view.op(n) != "arange":
         return None
     attrs = view.attrs(n)
-    if attrs["step"] != 1 or axis_hint not in (-2, -1):
+    if attrs["step"] != 1 or axis_hint not in (-2, -1, None):
         return None
-    return axis_hint, attrs["start"], attrs["end"] - attrs["start"]
+    return axis_hint, attrs["start"] + shift, attrs["end"] - attrs["start"]
+
+
+def _shifted(view: GraphView, n: str) -> tuple[str, Any] | None:
+    """``(x, c)`` when ``n`` is ``x + c`` or ``x - c`` for a scalar ``c`` (an int, or the
+    symbolic value of a Python int, as HF's ``arange(n) + past_length`` positions are)."""
+    operands, scalars = view.operands(n), view.attrs(n).get("scalars", {})
+    values = [
+        scalars.get(i, o.value if isinstance(o, Const) and type(o.value) is int else None)
+        for i, o in enumerate(operands)
+    ]
+    sign = -1 if view.op(n) == "sub" else 1
+    if isinstance(operands[0], str) and values[0] is None and values[1] is not None:
+        return operands[0], sign * values[1]
+    if sign == 1 and isinstance(operands[1], str) and values[1] is None and values[0] is not None:
+        return operands[1], values[0]
+    return None

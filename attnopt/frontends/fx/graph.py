@@ -294,7 +294,13 @@ def _add(b: _Builder, node: fx.Node) -> None:
     if alpha != 1:
         b.emit(node, "opaque", list(node.all_input_nodes), name=name)
     else:
-        b.emit(node, name, [node.args[0], node.args[1]])
+        # a Python-int operand Dynamo made symbolic (a cache length): its value, for positions
+        scalars = {
+            i: _size(a)
+            for i, a in enumerate(node.args[:2])
+            if isinstance(a, fx.Node) and isinstance(a.meta.get("val"), torch.SymInt)
+        }
+        b.emit(node, name, [node.args[0], node.args[1]], scalars=scalars)
 
 
 @_converts("softmax", "_softmax", "Softmax", "_safe_softmax", "log_softmax", "_log_softmax")
@@ -545,12 +551,26 @@ def _getitem(b: _Builder, node: fx.Node) -> None:
         # says where the attention went
         b.emit(node, "opaque", [source], name="a torch.autocast block (a captured sub-graph)")
         return
+    nones = _unit_dims_index(node.args[1])
+    if len(nones) == 1:  # x[:, :, None] (HF's repeat_kv under Dynamo): an unsqueeze
+        b.emit(node, "unsqueeze", [node.args[0]], dim=nones[0])
+        return
+    if nones:  # x[None, None, :, None] (HF's mask positions): unit dims added, a reshape
+        b.emit(node, "reshape", [node.args[0]])
+        return
     b.emit(
         node,
         "getitem",
         [node.args[0]],
         index=node.args[1] if not isinstance(node.args[1], fx.Node) else None,
     )
+
+
+def _unit_dims_index(index: Any) -> list[int]:
+    """The dims ``x[index]`` inserts when the index is only full slices and ``None``s."""
+    if not isinstance(index, tuple) or any(i is not None and i != slice(None) for i in index):
+        return []
+    return [dim for dim, i in enumerate(index) if i is None]
 
 
 @_converts("scaled_dot_product_attention")
