@@ -30,6 +30,9 @@ from attnopt.rewriter.site import AttentionSite
 from attnopt.targets import TARGETS
 from attnopt.validate import ErrorSums, tolerance_for, violations
 
+#: How a trial whose variant has no ONNX lowering is recorded (and read back for the reason).
+NO_ONNX_FORM = "no ONNX form: "
+
 
 @dataclass
 class _Plan:
@@ -104,7 +107,7 @@ def choose(
             while p.position < len(p.candidates) and (why := _splice(graph, work, p)):
                 chosen, knobs_now = p.candidates[p.position]
                 p.report.trials.append(
-                    VariantTrial(chosen.name, dict(knobs_now), {}, f"no ONNX form: {why}")
+                    VariantTrial(chosen.name, dict(knobs_now), {}, NO_ONNX_FORM + why)
                 )
                 p.position += 1
         pending = [p for p in pending if p.live is not None]
@@ -121,7 +124,7 @@ def choose(
             old, new = values[p.live.old], values[p.live.new]
             metrics = _sums(new, old).metrics()
             if chosen.approximate:
-                broken = violations(metrics, budget.site)
+                broken = violations(metrics, budget.site_limits(chosen))
             else:
                 limit = tolerance_for(torch.from_numpy(old.reshape(-1)[:0]).dtype, budget.exact)
                 over = metrics["max_error"] > limit
@@ -139,8 +142,16 @@ def choose(
     model = _fit_model(graph, work, plans, budget, feeds, reference)
     kept = []
     for p in plans:
+        unlowered = [
+            (t.variant, t.decision.removeprefix(NO_ONNX_FORM))
+            for t in p.report.trials
+            if t.decision.startswith(NO_ONNX_FORM)
+        ]
+        why_not = "; ".join(f"{name}: {why}" for name, why in unlowered)
         if p.live is None:
-            if p.candidates and p.report.status != "restored":
+            if len(unlowered) == len(p.candidates) > 0:
+                p.report.status, p.report.reason = "skipped", NO_ONNX_FORM + why_not
+            elif p.candidates and p.report.status != "restored":
                 p.report.status, p.report.reason = (
                     "restored",
                     "no allowed variant within the budget",
@@ -148,6 +159,7 @@ def choose(
             continue
         chosen, _ = p.candidates[p.position]
         p.report.status, p.report.variant = "rewritten", chosen.name
+        p.report.reason = why_not or p.report.reason
         p.report.max_error = p.metrics.get("max_error")
         kept.append((p.report, p.live))
     return kept, model
@@ -186,5 +198,5 @@ def _fit_model(graph, work, plans: list[_Plan], budget: Budget, feeds, reference
         worst.position = worst.candidates.index(fallback)
         why = _splice(graph, work, worst)
         chosen, knobs = fallback
-        decision = f"kept after backing off ({reason})" if why is None else f"no ONNX form: {why}"
+        decision = f"kept after backing off ({reason})" if why is None else NO_ONNX_FORM + why
         worst.report.trials.append(VariantTrial(chosen.name, dict(knobs), {}, decision))
