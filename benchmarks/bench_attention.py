@@ -38,7 +38,7 @@ Approximate variants (``linear``, ``gla``, ``hybrid``) time the rewritten site's
 kernel it dispatches to for the device) against causal SDPA on the same random q, k, v, with
 the measured error against SDPA's output beside each speed (cos and rel_l1).
 
-    python benchmarks/bench_attention.py --variant conv_basis --device cpu --n 4096 16384 --k 1 4
+    python benchmarks/bench_attention.py --variant conv_basis --device cpu --threads 1 --k 1 4
 
 ``conv_basis`` times its site module (every head conv-basis, basis recovered on each call)
 against causal SDPA on q, k whose scores have exactly ``k`` segments (``--k``): rotary-style

@@ -109,19 +109,25 @@ def conv_basis_heads(
     convolution runs in fp64 (``diagonal (G, n)``: the scores ``H[i, i]``)."""
     g, n, width = values.shape
     floor = diagonal.flip(-1).cummin(-1).values.flip(-1)  # min over rows ≥ i
-    out, top = values, values  # set by the first segment
+    fused = values.is_cuda
+    if fused:
+        from attnopt.codegen.triton.conv_basis import merge
+
+        out, top = values.new_empty(g, n, width), values.new_empty(g, n)
     bounds = [*starts, n]
     for t, first in enumerate(firsts):
         c, e = bounds[t], bounds[t + 1]
         peak = first.amax(-1, keepdim=True)[..., None]  # (G, 1, 1)
         wide = bool((peak[:, 0, 0] - floor[:, c]).amax() > FP32_RANGE)
         part = _convolve(torch.exp(first - peak[..., 0]), values[:, c:e], n - c, wide)
-        if t == 0:  # the first segment starts at row 0: nothing to rescale yet
+        if fused:
+            merge(out, top, part, peak.reshape(g), c, first=t == 0)
+        elif t == 0:  # the first segment starts at row 0: nothing to rescale yet
             out, top = part, peak.expand(g, n, 1).clone()
-            continue
-        new = torch.maximum(top[:, c:], peak)
-        out[:, c:] = out[:, c:] * torch.exp(top[:, c:] - new) + part * torch.exp(peak - new)
-        top[:, c:] = new
+        else:
+            new = torch.maximum(top[:, c:], peak)
+            out[:, c:] = out[:, c:] * torch.exp(top[:, c:] - new) + part * torch.exp(peak - new)
+            top[:, c:] = new
     return out
 
 
@@ -149,7 +155,7 @@ def conv_basis_attention(
         diagonals = diagonals + full.diagonal(dim1=-2, dim2=-1)
     ones = v.new_ones(*v.shape[:-1], 1, dtype=torch.float32)
     values = torch.cat([v.float(), ones], -1)
-    out = torch.empty(b, h, n, v.shape[-1])
+    out = torch.empty(b, h, n, v.shape[-1], device=q.device)
     ks = torch.zeros(b, h, dtype=torch.long)
     groups: dict[tuple[int, ...], list[tuple[int, int, list]]] = {}
     exact = []
@@ -172,7 +178,12 @@ def conv_basis_attention(
         vals = torch.stack([values[bi, hi // group] for bi, hi, _ in members])
         diagonal = torch.stack([diagonals[bi, hi] for bi, hi, _ in members])
         both = conv_basis_heads(firsts, list(starts), vals, diagonal)
-        result = both[..., :-1] / both[..., -1:]
+        if both.is_cuda:
+            from attnopt.codegen.triton.conv_basis import normalise
+
+            result = normalise(both)
+        else:
+            result = both[..., :-1] / both[..., -1:]
         for index, (bi, hi, _) in enumerate(members):
             out[bi, hi] = result[index]
     for bi, hi in exact:
