@@ -178,8 +178,9 @@ def optimize(
 
     Each site is checked against the original on ``example_inputs``; sites outside
     ``tolerance`` (default: per dtype, see ``attnopt.validate``) are restored and reported.
-    With approximate ``variants`` (``linear``, ``gla``, ``hybrid``, ...) or a ``tolerance`` dict
-    of metrics (``cos``, ``rel_l1``, ``rmse``, ``model_rel_l1``), each site keeps the first
+    With approximate ``variants`` (``linear``, ``gla``, ``hybrid``, ``quant``, ...) or a
+    ``tolerance`` dict of metrics (``cos``, ``rel_l1``, ``rmse``, ``model_rel_l1``; without one,
+    a pass may hold its sites to stricter defaults of its own), each site keeps the first
     variant within that error budget on the ``calibration`` batches (an iterable of example
     inputs; default the example), and the model output must fit too (``attnopt.budget``).
     ``search=True`` instead lets an Optuna study pick each site's variant and knobs for time and

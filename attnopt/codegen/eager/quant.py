@@ -31,6 +31,7 @@ from attnopt.codegen.reference.quant import (
     QMAX,
     quantize_blocks,
     smooth_k,
+    smooth_q_blocks,
 )
 from attnopt.targets import detect_cpu
 
@@ -96,7 +97,7 @@ def quant_attention_cpu(
     offset = m - n
     ks = smooth_k(k)
     qf = q.float()
-    (qv, bias), q_scale = _quantize_q(qf, ks, group, scale, bits, block_q)
+    (qv, bias), q_scale = _quantize_q(qf, ks, scale, bits, block_q)
     kv, k_scale = quantize_blocks(ks, block_k, bits, qmax=k_qmax or k_range(bits))
     k_cols = k_scale.repeat_interleave(block_k, dim=-1)[..., :m]  # (B, Hkv, M)
     k_t = kv.transpose(-2, -1)  # column-major (D, M) views: oneDNN's preferred B operand
@@ -161,22 +162,13 @@ def k_range(bits: int) -> int:
     return QMAX[bits]
 
 
-def _quantize_q(qf, ks, group: int, scale: float, bits: int, block_q: int):
+def _quantize_q(qf, ks, scale: float, bits: int, block_q: int):
     """``((values, bias or None), scales)``: Q quantized per block with ``scale·log2 e``; INT4
     first subtracts each block's mean and returns its scores ``mean·Ksᵀ`` as ``bias``
     ``(B, H, blocks, M)`` (log2 units), as the reference does."""
     bias = None
     if bits == 4:
-        n = qf.shape[-2]
-        blocks = -(-n // block_q)
-        pad = torch.zeros(*qf.shape[:2], blocks * block_q, qf.shape[-1])
-        pad[:, :, :n] = qf
-        counts = torch.full((blocks,), float(block_q))
-        counts[-1] = n - (blocks - 1) * block_q
-        means = pad.view(*qf.shape[:2], blocks, block_q, -1).sum(dim=-2) / counts[:, None]
-        qf = qf - means.repeat_interleave(block_q, dim=-2)[:, :, :n]
-        k_rep = ks.repeat_interleave(group, dim=1)
-        bias = torch.matmul(means, k_rep.transpose(-2, -1)) * (scale * LOG2E)
+        qf, bias = smooth_q_blocks(qf, ks, block_q, scale * LOG2E)
     values, scales = quantize_blocks(qf, block_q, bits, scale * LOG2E)
     return (values, bias), scales
 

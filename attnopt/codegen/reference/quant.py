@@ -38,6 +38,24 @@ def smooth_k(k: torch.Tensor) -> torch.Tensor:
     return kf - kf.mean(dim=-2, keepdim=True)
 
 
+def smooth_q_blocks(
+    q: torch.Tensor, ks: torch.Tensor, block: int, score_scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """INT4's Q smoothing: ``(q minus each block's token mean, the means' scores
+    mean·Ksᵀ·score_scale (B, H, blocks, M))``, with ``ks`` the smoothed K ``(B, Hkv, M, D)``."""
+    qf = q.float()
+    n = qf.shape[-2]
+    blocks = -(-n // block)
+    pad = torch.zeros(*qf.shape[:2], blocks * block, qf.shape[-1], device=q.device)
+    pad[:, :, :n] = qf
+    counts = torch.full((blocks,), float(block), device=q.device)
+    counts[-1] = n - (blocks - 1) * block
+    means = pad.view(*qf.shape[:2], blocks, block, -1).sum(dim=-2) / counts[:, None]
+    k_rep = ks.repeat_interleave(q.shape[1] // ks.shape[1], dim=1)
+    bias = torch.matmul(means, k_rep.transpose(-2, -1)) * score_scale
+    return qf - means.repeat_interleave(block, dim=-2)[:, :, :n], bias
+
+
 def quantize_blocks(
     x: torch.Tensor, block: int, bits: int = 8, scale: float = 1.0, qmax: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -103,16 +121,8 @@ def quant_attention(
     qf = q.float()
     bias = None
     if bits == 4:  # Q smoothing per block, its scores added back per key
-        blocks = -(-n // block_q)
-        pad = torch.zeros(*qf.shape[:2], blocks * block_q, qf.shape[-1], device=q.device)
-        pad[:, :, :n] = qf
-        counts = torch.full((blocks,), float(block_q), device=q.device)
-        counts[-1] = n - (blocks - 1) * block_q
-        means = pad.view(*qf.shape[:2], blocks, block_q, -1).sum(dim=-2) / counts[:, None]
-        q_mean = means.repeat_interleave(block_q, dim=-2)[:, :, :n]
-        qf = qf - q_mean
-        k_rep = ks.repeat_interleave(group, dim=1)
-        bias = torch.matmul(q_mean, k_rep.transpose(-2, -1)) * (scale * LOG2E)
+        qf, bias = smooth_q_blocks(qf, ks, block_q, scale * LOG2E)
+        bias = bias.repeat_interleave(block_q, dim=-2)[:, :, :n]
     qv, q_scale = quantize_blocks(qf, block_q, bits, scale * LOG2E)
     kv, k_scale = quantize_blocks(ks, block_k, bits, qmax=k_qmax)
     kv = kv.repeat_interleave(group, dim=1)

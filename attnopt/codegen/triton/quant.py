@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from attnopt.codegen.reference.quant import FP8_MAX, LOG2E, QMAX
+from attnopt.codegen.reference.quant import FP8_MAX, LOG2E, QMAX, smooth_k
 from attnopt.codegen.registry import Kernel, register_kernel
 from attnopt.codegen.triton.exact import (
     INTERPRETED,
@@ -362,8 +362,7 @@ def forward(
     qv, q_scale, q_means = quantize(q, block_q, bits, q_units, smooth_block=bits == 4)
     bias = None
     if q_means is not None:  # INT4: the block means' scores, per key, as the reference
-        ks = k.float() - k.float().mean(dim=-2, keepdim=True)
-        ks = ks.repeat_interleave(group, dim=1)
+        ks = smooth_k(k).repeat_interleave(group, dim=1)
         bias = (torch.matmul(q_means, ks.transpose(-2, -1)) * q_units).contiguous()
     v_in, v_scale = v.to(torch.float16), None
     if pv == "fp8":
