@@ -533,7 +533,9 @@ def _prefix_of(view: GraphView, traced: TracedOperand) -> int | None:
     key_axis = traced.perm[-2] if traced.perm is not None else rank - 2
     prefix = view.operands(n)[0]
     shape = view.shape(prefix)
-    if view.attrs(n)["axis"] != key_axis or shape is None or not isinstance(prefix, str):
+    if not isinstance(prefix, str) or shape is None or len(shape) != rank:
+        return None  # (an empty 1-D tensor joined to the keys: a fresh HF cache)
+    if view.attrs(n)["axis"] != key_axis:
         return None
     length = shape[key_axis]
     if not isinstance(length, int) or length <= 0 or _reads_input(view, prefix):

@@ -1,6 +1,7 @@
 """Detection of an input-independent prefix joined to the keys and values (``prefix_len``)."""
 
 import pytest
+import torch
 
 import attnopt
 from tests.prefix_forms import PrefixAttention, inputs
@@ -31,3 +32,18 @@ def test_prefix_len_on_the_site():
     _, _, found = _detect(PrefixAttention(prefix=5, causal=True).eval(), Inputs.of(inputs()))
     (site,) = found.sites
     assert site.prefix_len == 5 and site.causal and site.kv_len - site.q_len == 5
+
+
+class _FreshCache(torch.nn.Module):
+    """Keys joined to an empty 1-D tensor, as a fresh Hugging Face cache does (legacy cat)."""
+
+    def forward(self, q, k, v):
+        empty = torch.tensor([], dtype=k.dtype)
+        k, v = torch.cat([empty, k], dim=-2), torch.cat([empty, v], dim=-2)
+        return (q @ k.transpose(-2, -1)).softmax(dim=-1) @ v
+
+
+def test_empty_joined_tensor_is_no_prefix():
+    qkv = [torch.randn(2, 4, 5, 8) for _ in range(3)]
+    (site,) = attnopt.inspect(_FreshCache(), tuple(qkv)).sites
+    assert "prefix=" not in site.signature
