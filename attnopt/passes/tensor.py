@@ -24,7 +24,7 @@ from attnopt.targets import Target
 
 
 def score_bound(q: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor, scale: float) -> float:
-    """An upper bound on ``|scale·⟨q_i, k1_j ∘ k2_l⟩|`` over every triple, per ``(B, H)``."""
+    """An upper bound on ``|scale·⟨q_i, k1_j ∘ k2_l⟩|`` over every ``(B, H)`` and triple."""
     keys = k1.float().abs().amax(dim=-2) * k2.float().abs().amax(dim=-2)  # (B, H, D)
     rows = (q.float().abs() * keys[..., None, :]).sum(dim=-1)
     return abs(scale) * float(rows.amax()) if rows.numel() else 0.0
