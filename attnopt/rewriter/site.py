@@ -56,6 +56,9 @@ class AttentionSite:
     prefix_len: int | None = None
     source: str = "matmul"  # "matmul" (decomposed) or "sdpa" (an existing fused call)
     k_shape_lead: tuple = ()  # leading dims of k as the op receives it
+    #: ``shape`` nodes outside the site reading the shape of a value of the scores' shape
+    #: (ONNX's ``expand_as(scores)``): the front end recomputes them from q and k
+    shape_reads: list[str] = field(default_factory=list)
 
     @property
     def mask_kind(self) -> str:
