@@ -841,6 +841,64 @@ form2(
 )(_probs_viewed_back)
 
 
+def _flat_alibi(m, b: int, n: int) -> torch.Tensor:
+    """ALiBi per (batch·head) and key, (b·h, 1, m), as Bloom builds it."""
+    return _alibi_bias(m, n).expand(b, H, 1, n).reshape(b * H, 1, n)
+
+
+def _4d_viewed_3d_for_mask(m, q, k, v):
+    """The other order around the mask: 4-D scores viewed (b·h, n, m) to add a per-(b·h) bias,
+    then back to 4-D for the softmax."""
+    b, h, n, d = q.shape
+    w = (_s(q, k) * SCALE).view(b * h, n, -1) + _flat_alibi(m, b, k.shape[2])
+    return _sm(w.view(b, h, n, -1)) @ v
+
+
+form2("scores_4d_viewed_3d_for_mask", x_sized, mask="additive", buffers={"slopes": SLOPES})(
+    _4d_viewed_3d_for_mask
+)
+
+
+def _4d_softmax_3d(m, q, k, v):
+    """4-D scores viewed (b·h, n, m) for the mask and the softmax; the probabilities viewed back
+    to 4-D for the product with 4-D V."""
+    b, h, n, d = q.shape
+    p = _sm((_s(q, k) * SCALE).view(b * h, n, -1) + _flat_alibi(m, b, k.shape[2]))
+    return p.view(b, h, n, -1) @ v
+
+
+form2("scores_4d_softmax_in_3d_viewed_back", x_sized, mask="additive", buffers={"slopes": SLOPES})(
+    _4d_softmax_3d
+)
+
+
+def _3d_scores_4d_product(m, q, k, v, a):
+    """(b·h) scores viewed 4-D for the mask and the softmax, and the product taken in 4-D
+    with V as it is: no view back."""
+    b, h, n, d = q.shape
+    q3, k3 = _to3(q, k)
+    w = torch.bmm(q3, k3.transpose(1, 2)).view(b, h, n, -1) * SCALE + a
+    return _sm(w) @ v
+
+
+form2("bmm_3d_scores_4d_softmax_and_product", x_and_additive, mask="additive")(
+    _3d_scores_4d_product
+)
+
+
+def _heads_regrouped(m, q, k, v, a):
+    """Q merged head-major to (h·b, n, d) but the scores viewed batch-major (b, h, n, m): each
+    query row meets another batch's keys' rows, which no attention op computes."""
+    b, h, n, d = q.shape
+    q3 = q.transpose(0, 1).reshape(h * b, n, d)
+    (k3,) = _to3(k)
+    w = torch.bmm(q3, k3.transpose(1, 2)).view(b, h, n, -1) * SCALE + a
+    return _sm(w) @ v
+
+
+form2("guard_heads_regrouped_across_view", x_and_additive, sites=0)(_heads_regrouped)
+
+
 def _heads_into_queries(m, q, k, v):
     b, h, n, d = q.shape
     p = _sm(_s(q, k) * SCALE).reshape(b, h * n, -1)  # heads folded into the query axis

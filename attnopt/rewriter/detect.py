@@ -81,6 +81,9 @@ class _Scores:
     masks: list[MaskTerm] = field(default_factory=list)
     fill: float = -math.inf
     nodes: list[str] = field(default_factory=list)
+    #: the one view of 3-D (b·h, n, m) scores to the layout the rest of the site has (no view
+    #: back): q and k are then read before their own views to (b·h, ·, d)
+    viewed: str | None = None
 
 
 def _site_from_softmax(view: GraphView, softmax: str) -> AttentionSite:
@@ -96,10 +99,15 @@ def _site_from_softmax(view: GraphView, softmax: str) -> AttentionSite:
     scores = _walk_to_qk(view, view.operands(softmax)[0], views_after, view.operands(pv)[0])
     region += scores.nodes
     q, k = _split_qk(view, scores.matmul)
+    scores_shape = view.shape(scores.matmul)
+    q_shape = view.shape(view.operands(scores.matmul)[0])
+    if scores.viewed is not None:
+        q, k = _before_head_merge(view, q, k, scores.viewed)
+        scores_shape, q_shape = view.shape(scores.viewed), view.shape(q.source)
     v = trace_operand(view, _node(view.operands(pv)[1], pv), allow_scale=False)
     output, output_perm = _site_output(view, pv)
     region += [pv] if output == pv else [pv, output]
-    _check_region(view, region, output)
+    shape_reads = _check_region(view, region, output, scores_shape)
     k, v, group = _strip_kv_repeat(view, k, v)
     site = AttentionSite(
         location=view.location(softmax),
@@ -109,8 +117,8 @@ def _site_from_softmax(view: GraphView, softmax: str) -> AttentionSite:
         scale=scores.scale * q.scale * k.scale,
         output=output,
         nodes=region,
-        scores_shape=view.shape(scores.matmul),
-        q_shape=view.shape(view.operands(scores.matmul)[0]),
+        scores_shape=scores_shape,
+        q_shape=q_shape,
         v_shape=view.shape(view.operands(pv)[1]),
         dtype=view.dtype(view.operands(scores.matmul)[0]),
         output_dtype=view.dtype(output),
@@ -120,6 +128,7 @@ def _site_from_softmax(view: GraphView, softmax: str) -> AttentionSite:
         dropout_p=dropout_p,
         output_perm=output_perm,
         k_shape_lead=_lead(view, k),
+        shape_reads=shape_reads,
     )
     site.q = TracedOperand(q.source, q.perm)
     site.k = TracedOperand(k.source, k.perm)
@@ -217,11 +226,42 @@ def _walk_to_qk(view: GraphView, start: Operand, views_after: list[str], probs: 
             reshapes.append(cur)
             cur = _node(operands[0], cur)
         elif op == "matmul":
+            fill = -math.inf if fill is None else fill
+            if len(reshapes) == 1 and not views_after:
+                if any(depths):
+                    raise _Miss("a mask applied before the only view of the scores", reshapes[0])
+                return _Scores(cur, chain_scale, masks, fill, nodes, viewed=reshapes[0])
             masks = _relayout(view, cur, probs, masks, depths, reshapes, views_after)
-            scores = _Scores(cur, chain_scale, masks, -math.inf if fill is None else fill, nodes)
+            scores = _Scores(cur, chain_scale, masks, fill, nodes)
         else:
             raise _Miss(f"'{_name(view, cur)}' between Q·Kᵀ and softmax", cur)
     return scores
+
+
+def _before_head_merge(
+    view: GraphView, q: TracedOperand, k: TracedOperand, viewed: str
+) -> tuple[TracedOperand, TracedOperand]:
+    """Q and K as they were before being merged to (b·h, ·, d), when the (b·h, n, m) scores are
+    viewed back to those very leading dims: the product is then the product of the originals."""
+    there = view.shape(viewed)
+    found = []
+    for traced, length in ((q, -2), (k, -1)):
+        merged = traced.source
+        x = view.operands(merged)[0] if view.op(merged) == "reshape" else None
+        shape, merged_shape = view.shape(x), view.shape(merged)
+        if (
+            traced.perm is not None
+            or shape is None
+            or merged_shape is None
+            or there is None
+            or len(shape) != len(there)
+            or not all(map(view.same_size, shape[:-2], there[:-2]))
+            or not view.same_size(shape[-2], there[length])
+            or not view.same_size(shape[-1], merged_shape[-1])
+        ):
+            raise _Miss("scores reshaped between Q·Kᵀ and softmax", viewed)
+        found.append(TracedOperand(x, None, traced.scale, [*traced.path, merged]))
+    return found[0], found[1]
 
 
 def _keeps_last_two(view: GraphView, n: str) -> bool:
@@ -401,17 +441,35 @@ def _site_output(view: GraphView, pv: str) -> tuple[str, tuple | None]:
     raise _Miss("P·V is an intermediate of a fused op", pv)
 
 
-def _check_region(view: GraphView, region: list[str], output: str) -> None:
-    """No value inside the region may be used outside it (only the output leaves)."""
-    inside = set(region)
+def _check_region(
+    view: GraphView, region: list[str], output: str, scores_shape: tuple | None
+) -> list[str]:
+    """No value inside the region may be used outside it (only the output leaves), except by
+    ``shape`` nodes reading a value of the scores' shape (``expand_as(scores)`` in ONNX): the
+    front end recomputes those from q and k. Returns them."""
+    inside, shape_reads = set(region), []
     for n in region:
         if n == output:
             continue
         outside = [u for u in view.users(n) if u not in inside]
+        shape_reads += [u for u in outside if _reads_scores_shape(view, u, n, scores_shape)]
+        outside = [u for u in outside if u not in shape_reads]
         if outside:
             raise _Miss(
                 f"intermediate '{n}' is also used by '{outside[0]}' outside the attention", n
             )
+    return shape_reads
+
+
+def _reads_scores_shape(view: GraphView, user: str, n: str, scores_shape: tuple | None) -> bool:
+    shape = view.shape(n)
+    return (
+        view.op(user) == "shape"
+        and scores_shape is not None
+        and shape is not None
+        and len(shape) == len(scores_shape)
+        and all(map(view.same_size, shape, scores_shape))
+    )
 
 
 def _lead(view: GraphView, operand: TracedOperand) -> tuple:

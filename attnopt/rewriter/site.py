@@ -64,6 +64,10 @@ class AttentionSite:
     v2: TracedOperand | None = None
     pair_len: Any = None
 
+    #: ``shape`` nodes outside the site reading the shape of a value of the scores' shape
+    #: (ONNX's ``expand_as(scores)``): the front end recomputes them from q and k
+    shape_reads: list[str] = field(default_factory=list)
+
     @property
     def mask_kind(self) -> str:
         kinds = []

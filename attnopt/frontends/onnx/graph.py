@@ -588,3 +588,9 @@ def _reduce(b: _Builder, node: onnx.NodeProto) -> None:
     op = "sum" if node.op_type == "ReduceSum" else "amax"
     keepdim = bool(b.attr(node, "keepdims", 1))
     b.emit(node, op, [node.input[0]], axis=axes[0] % rank, keepdim=keepdim, returns_tuple=False)
+
+
+@_converts("Shape")
+def _shape(b: _Builder, node: onnx.NodeProto) -> None:
+    """Reads only its input's shape: a site may end there (``expand_as(scores)``)."""
+    b.emit(node, "shape", [node.input[0]], start=b.attr(node, "start", 0), end=b.attr(node, "end"))

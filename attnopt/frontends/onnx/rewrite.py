@@ -43,6 +43,8 @@ class Lowering:
     kernel: str
     config: str
     domains: set[str] = field(default_factory=set)
+    #: (a ``Shape`` node's old output, the nodes computing it from q and k, the new value)
+    shapes: list[tuple[str, list[onnx.NodeProto], str]] = field(default_factory=list)
 
 
 @dataclass
@@ -122,7 +124,7 @@ def _build_attention(e: _Emitter, f: _Facts) -> str:
 def _build_mha(e: _Emitter, f: _Facts) -> str:
     q = e.bsd(f.site.q, f.rank)
     if f.kv_heads == f.heads:
-        k, v = (e.kv_layout(x, f.rank) for x in (f.site.k, f.site.v))
+        k, v = e.kv_layout(f.site.k, f.site.v, f.rank)
     else:  # each kv head repeated for its group of query heads, as the model does
         k = e.repeat_heads(f.site.k, f, f.site.q_shape[-1])
         v = e.repeat_heads(f.site.v, f, f.site.v_shape[-1])
@@ -235,7 +237,8 @@ def _lower_exact(
                 f"causal={int(facts.causal)} masks={len(site.masks)}"
             )
             domains = {op.domain} if op.domain else set()
-            return Lowering(site, emitter.nodes, out, op.kernel, config, domains)
+            shapes = [emitter.scores_shape(facts, read) for read in site.shape_reads]
+            return Lowering(site, emitter.nodes, out, op.kernel, config, domains, shapes)
         reasons.append(why_not)
     raise NotExpressible("; ".join(reasons))
 
@@ -351,12 +354,13 @@ class _Emitter:
         moved = self.transpose(operand.source, tuple(perm[i] for i in (0, 2, 1, 3)))
         return self.node("Reshape", [moved, self.const(np.array([0, 0, -1], np.int64))])
 
-    def kv_layout(self, operand: TracedOperand, rank: int) -> str:
-        """MultiHeadAttention's K or V, (B, L, N·H) or (B, N, L, H): whichever is a view of
-        the source without a transpose (both when neither is)."""
-        if rank == 4 and _moves_data(operand.perm or (0, 1, 2, 3), (0, 2, 1, 3)):
-            return self.bnsh(operand, rank)
-        return self.bsd(operand, rank)
+    def kv_layout(self, k: TracedOperand, v: TracedOperand, rank: int) -> tuple[str, str]:
+        """MultiHeadAttention's K and V, both (B, L, N·H) or both (B, N, L, H) (the op takes
+        one rank for the two): (B, N, L, H) when neither is a view of its source as
+        (B, L, N·H) without a transpose."""
+        if rank == 4 and all(_moves_data(x.perm or (0, 1, 2, 3), (0, 2, 1, 3)) for x in (k, v)):
+            return self.bnsh(k, rank), self.bnsh(v, rank)
+        return self.bsd(k, rank), self.bsd(v, rank)
 
     def repeat_heads(self, operand: TracedOperand, f: _Facts, head_dim: object) -> str:
         """(B, kv_heads, L, H) -> (B, heads, L, H), each kv head repeated for its group: the
@@ -385,6 +389,21 @@ class _Emitter:
         group = self.const(np.array([1, 1, f.heads // f.kv_heads, 1, 1], np.int64))
         sizes = self.const(np.array([0, f.heads, -1, head_dim], np.int64))
         return self.node("Reshape", [self.node("Expand", [x, group]), sizes])
+
+    def scores_shape(self, f: _Facts, read: str) -> tuple[str, list[onnx.NodeProto], str]:
+        """A ``Shape`` node of a value of the scores' shape, computed from q and k instead (the
+        scores are no longer computed); its nodes go where the old ``Shape`` node was."""
+        kept, self.nodes = self.nodes, []
+        q, k, rank = f.site.q, f.site.k, f.rank
+        dims = [self.dim(q, axis, rank) for axis in range(rank - 1)] + [self.dim(k, -2, rank)]
+        shape = self.node("Concat", dims, axis=0)
+        attrs = self.graph.view.attrs(read)
+        if attrs["start"] != 0 or attrs["end"] is not None:
+            end = np.iinfo(np.int64).max if attrs["end"] is None else attrs["end"]
+            starts, ends = (self.const(np.array([x], np.int64)) for x in (attrs["start"], end))
+            shape = self.node("Slice", [shape, starts, ends])
+        nodes, self.nodes = self.nodes, kept
+        return read, nodes, shape
 
     def nan_to_zero(self, out: str, dtype: str) -> str:
         zero = self.const(np.array(0, np.dtype(dtype)))

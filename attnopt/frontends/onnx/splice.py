@@ -57,13 +57,21 @@ def splice(model: onnx.ModelProto, lowering: Lowering) -> Splice:
             model.opset_import.append(helper.make_opsetid(domain, 1))
     inserted = {n.output[0] for n in lowering.nodes if n.output}
     _rename_inputs(model, old, lowering.output, inserted)
+    for old_shape, nodes, new_shape in lowering.shapes:  # before the Shape node they replace
+        at = next(i for i, n in enumerate(graph.node) if old_shape in n.output)
+        for offset, node in enumerate(nodes):
+            graph.node.insert(at + offset, node)
+        _rename_inputs(model, old_shape, new_shape, set())
     return Splice(lowering, old, lowering.output)
 
 
 def restore(model: onnx.ModelProto, spliced: Splice) -> None:
     """Undo a splice: the old value feeds its users again and the lowering's nodes go."""
     _rename_inputs(model, spliced.new, spliced.old, set())
-    produced = {n.output[0] for n in spliced.lowering.nodes}
+    for old_shape, _, new_shape in spliced.lowering.shapes:
+        _rename_inputs(model, new_shape, old_shape, set())
+    shape_nodes = [n for _, nodes, _ in spliced.lowering.shapes for n in nodes]
+    produced = {n.output[0] for n in [*spliced.lowering.nodes, *shape_nodes]}
     keep = [n for n in model.graph.node if not (n.output and n.output[0] in produced)]
     del model.graph.node[:]
     model.graph.node.extend(keep)

@@ -30,8 +30,6 @@ ONNX_SITES = {
     "guard_dropout_in_training": (1, 1),
     # 5-D scores: no fused op takes them (the report says so)
     "gqa_5d_broadcast": (1, 0),
-    # the exporter reads the scores' Shape for expand_as: a use outside the attention in ONNX
-    "mask_eq0_view_expand_as": (0, 0),
 }
 #: Forms the TorchScript exporter cannot trace, with why.
 TORCHSCRIPT_FAILS = {
@@ -57,6 +55,7 @@ DYNAMO_FORMS = [
     "nn_multihead_attention",
     "opt_style_bmm_4d_mask",
     "bmm_probs_viewed_back_after_softmax",
+    "mask_eq0_view_expand_as",
     "two_layers",
     "guard_returns_attention_weights",
 ]
@@ -149,6 +148,17 @@ def test_sites_outside_tolerance_are_restored(tmp_path) -> None:
     path, dims = _export(BY_NAME["two_layers"], tmp_path, dynamo=False, opset=17)
     report = check_conversion(path, dims, 2, 0, tolerance=-1.0)
     assert all(s.status == "restored" and "tolerance" in s.reason for s in report.sites)
+
+
+def test_expand_as_scores_shape_recomputed_and_restored(tmp_path) -> None:
+    """TorchScript writes ``expand_as(scores)`` as ``Shape(scores)``: the fused model computes
+    that shape from q and k (no scores left), and a restored site reads the scores' again."""
+    path, dims = _export(BY_NAME["mask_eq0_view_expand_as"], tmp_path, dynamo=False, opset=17)
+    check_conversion(path, dims, 1)
+    ops = [n.op_type for n in onnx.load(str(tmp_path / f"{path.stem}.attnopt.onnx")).graph.node]
+    assert "Softmax" not in ops
+    report = check_conversion(path, dims, 1, 0, tolerance=-1.0)
+    assert report.sites[0].status == "restored"
 
 
 def test_a_wrong_rewrite_is_caught_and_restored(tmp_path, monkeypatch) -> None:
