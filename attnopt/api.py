@@ -237,11 +237,22 @@ def optimize(
             notes=[f"captured with Dynamo: {why or 'capture=dynamo'}"],
         )
         optimized = structural_copy(model, versions)
-        compile_model(optimized, report, inner, variants, resolved)
+
+        def configure(site_report: SiteReport) -> None:
+            """Graphs compiled later (decode steps, recompiles) launch with the stored best
+            config of their kernel and shape bucket, as the example's sites do."""
+            try:
+                _configure_kernel(
+                    site_report, site_report.kernel_signature, resolved, False, storage, trials
+                )
+            except Exception as err:  # noqa: BLE001 - the op then runs its default config
+                site_report.config = f"kernel default (config failed: {_reason(err)})"
+
+        compile_model(optimized, report, inner, variants, resolved, configure)
         with torch.no_grad():
             result = optimized(*inputs.args, **inputs.kwargs)
         lap("capture+rewrite")
-        for site_report in report.rewritten:
+        for site_report in report.rewritten if tune else ():  # configure() installed the rest
             sig = site_report.kernel_signature
             _configure_kernel(site_report, sig, resolved, tune, storage, trials)
         lap("tune" if tune else "configs")

@@ -7,6 +7,7 @@ lookup: it never opens the tuning database (``store.py`` does, once, in ``optimi
 from __future__ import annotations
 
 from attnopt.autotune.space import Config, ConfigSpace
+from attnopt.codegen.registry import forget_choices
 from attnopt.codegen.signature import KernelSignature
 from attnopt.targets import Target
 
@@ -36,6 +37,7 @@ _INSTALLED: dict[tuple, tuple[Config, str]] = {}
 def install(space: ConfigSpace, target: Target, sig: KernelSignature, config: Config, source: str):
     """Make ``config`` the one launched for this key; ``source`` says where it came from."""
     _INSTALLED[runtime_key(space, target, sig)] = (dict(config), source)
+    forget_choices()  # a kernel's ``supports`` may answer otherwise with this config
 
 
 def config_for(space: ConfigSpace, target: Target, sig: KernelSignature) -> tuple[Config, str]:

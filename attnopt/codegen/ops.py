@@ -61,6 +61,8 @@ def _nan_rows(out: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     original; online-softmax kernels drop it (their running max ignores NaN). Put it back."""
     if not q.is_floating_point():
         return out
+    if q.device.type == "cpu" and not bool(q.sum().isnan()):  # no NaN: one reduction, no copy
+        return out
     return out.masked_fill(torch.isnan(q).any(dim=-1, keepdim=True), float("nan"))
 
 
@@ -77,6 +79,15 @@ def attention(
     kv_group: int,
 ) -> torch.Tensor:
     """softmax(scale·q·kᵀ (+ mask) with causal/window exclusions)·v, in the site's own layout."""
+    return _run(q, k, v, mask, scale, causal, window, fill, kv_group)
+
+
+def attention_eager(q, k, v, mask, scale, causal, window, fill, kv_group) -> torch.Tensor:
+    """``attnopt::attention`` for graphs run as plain Python (the Dynamo path's ``eager`` inner
+    backend): without autograd it calls the body directly, sparing the custom op's dispatch
+    (~50 µs a call, as much as a short decode kernel); with autograd, the op."""
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, mask)):
+        return attention(q, k, v, mask, scale, causal, window, fill, kv_group)
     return _run(q, k, v, mask, scale, causal, window, fill, kv_group)
 
 

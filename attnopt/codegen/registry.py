@@ -34,17 +34,29 @@ class Kernel:
 
 
 _KERNELS: dict[tuple[str, str], dict[str, Kernel]] = {}
+# select_kernel's answers per call signature: every layer of a model asks the same question at
+# every step, and the ``supports`` chain costs more than a small decode kernel call
+_CHOICES: dict[tuple, Kernel] = {}
+_MAX_CHOICES = 4096
+
+
+def forget_choices() -> None:
+    """Drop the remembered selections: what decided them changed (a kernel registered or
+    removed, a tuned config installed)."""
+    _CHOICES.clear()
 
 
 def register_kernel(kernel: Kernel) -> Kernel:
     """Add (or replace) a kernel; returns it so modules can keep a handle."""
     _KERNELS.setdefault((kernel.variant, kernel.device_type), {})[kernel.name] = kernel
+    forget_choices()
     return kernel
 
 
 def unregister_kernel(variant: str, device_type: str, name: str) -> None:
     """Remove a kernel (tests and plugins that registered one for a while)."""
     _KERNELS.get((variant, device_type), {}).pop(name, None)
+    forget_choices()
 
 
 def kernels_for(variant: str, device_type: str) -> list[Kernel]:
@@ -54,8 +66,18 @@ def kernels_for(variant: str, device_type: str) -> list[Kernel]:
 
 
 def select_kernel(variant: str, q: torch.Tensor, k, v, mask, causal: bool, window: int) -> Kernel:
-    """The best registered kernel that accepts these inputs."""
+    """The best registered kernel that accepts these inputs. ``supports`` reads shapes, dtypes,
+    the device and installed configs, never values: one answer per call signature."""
+    key = (variant, q.device, q.dtype, q.shape, k.shape, v.shape, k.dtype, v.dtype, causal, window)
+    if mask is not None:
+        key += (mask.shape, mask.dtype)
+    kernel = _CHOICES.get(key)
+    if kernel is not None:
+        return kernel
     for kernel in kernels_for(variant, q.device.type):
         if kernel.supports is None or kernel.supports(q, k, v, mask, causal, window) is None:
+            if len(_CHOICES) >= _MAX_CHOICES:  # decode steps: a new key length every step
+                _CHOICES.clear()
+            _CHOICES[key] = kernel
             return kernel
     raise LookupError(f"no kernel registered for variant {variant!r} on {q.device.type}")

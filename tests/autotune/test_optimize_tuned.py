@@ -9,6 +9,7 @@ from conftest import TOY
 
 import attnopt
 from attnopt.autotune import runtime
+from attnopt.autotune.tuner import tune
 from attnopt.codegen.registry import Kernel, register_kernel, unregister_kernel
 from attnopt.codegen.signature import KernelSignature
 from attnopt.targets import resolve
@@ -58,3 +59,32 @@ def test_unreachable_storage_falls_back_to_defaults(toy_on_cpu) -> None:
         )
     site = optimized.attnopt_report.sites[0]
     assert site.status == "rewritten" and "[default]" in site.config
+
+
+def test_graphs_compiled_later_launch_their_tuned_config(
+    toy_on_cpu, toy_pass, modeled_runner, cpu, storage
+) -> None:
+    """A graph Dynamo captures after optimize() returned (a longer call: another length bucket)
+    installs the stored best config of its own bucket, not the example's."""
+    model, example = toy.tiny_model()  # 128 tokens
+    later = KernelSignature(head_dim=32, dtype="float32", n=300, m=300, heads=2, value_dim=32)
+    assert runtime.bucket(later.n) != runtime.bucket(example[0].shape[1])
+    best = tune(
+        toy_pass.space,
+        modeled_runner,
+        cpu,
+        later,
+        trials=6,
+        storage=storage,
+        seed=0,
+        progress=False,
+    )
+    assert best.config != toy.SPACE.default(cpu, later)  # else the test could not fail
+    optimized = attnopt.optimize(model, example, capture="dynamo", storage=storage)
+    assert runtime.config_for(toy.SPACE, cpu, later)[1] == "default"
+    x = torch.randn(1, 300, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(optimized(x), model(x), atol=1e-5, rtol=1e-5)
+    site = optimized.attnopt_report.graphs[-1].sites[0]
+    assert site.kernel_signature == later and "[tuned:" in site.config, site
+    assert runtime.config_for(toy.SPACE, cpu, later) == (best.config, f"tuned:{storage}")

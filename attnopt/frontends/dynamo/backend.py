@@ -136,12 +136,30 @@ def attnopt_backend(
     """The ``attnopt`` Dynamo backend. ``options``: ``attnopt_inner`` (``"inductor"``,
     ``"aot_eager"`` or ``"eager"``), ``attnopt_variants``, ``attnopt_target``,
     ``attnopt_report`` (a ``Report`` that collects each graph and its sites; default
-    ``compile_report()``); the rest go to Inductor as config patches."""
+    ``compile_report()``), ``attnopt_configure`` (called with each rewritten ``SiteReport``);
+    the rest go to Inductor as config patches."""
     options = dict(options or {})
     inner = options.pop("attnopt_inner", "inductor")
     variants = tuple(options.pop("attnopt_variants", ("exact",)))
     target = options.pop("attnopt_target", "auto")
     report = options.pop("attnopt_report", None) or _SHARED_REPORT
+    configure = options.pop("attnopt_configure", None)
     compile_inner = _inner(inner, options, mode)
-    rewrite_graph(gm, report, variants, target)
+    graph = rewrite_graph(gm, report, variants, target)
+    if configure is not None:  # e.g. install the tuned configs of this graph's sites
+        for site in graph.sites:
+            if site.status == "rewritten":
+                configure(site)
+    if inner == "eager":
+        _call_directly(gm)
     return compile_inner(gm, example_inputs)
+
+
+def _call_directly(gm: fx.GraphModule) -> None:
+    """A graph run eagerly calls the op's body itself where it needs no autograd (the op's
+    dispatch is nothing an eager graph needs otherwise: no tracing, no fake tensors)."""
+    from attnopt.codegen.ops import attention_eager
+
+    for node in gm.graph.find_nodes(op="call_function", target=torch.ops.attnopt.attention.default):
+        node.target = attention_eager
+    gm.recompile()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -20,7 +21,7 @@ from torch.utils import _pytree as pytree
 
 from attnopt.frontends.dynamo.backend import attnopt_backend
 from attnopt.frontends.export.capture import Inputs
-from attnopt.report import Report
+from attnopt.report import Report, SiteReport
 
 _PLAIN = (torch.Tensor, int, float, bool, type(None))
 
@@ -76,15 +77,22 @@ def compile_in_place(module: nn.Module, options: dict) -> None:
 
 
 def compile_model(
-    model: nn.Module, report: Report, inner: str, variants: tuple, target: Any
+    model: nn.Module,
+    report: Report,
+    inner: str,
+    variants: tuple,
+    target: Any,
+    configure: Callable[[SiteReport], None] | None = None,
 ) -> None:
     """Compile ``model`` and the submodules a generation loop calls on their own (the encoder
-    of an encoder-decoder), all recording into ``report``."""
+    of an encoder-decoder), all recording into ``report``; ``configure`` sees each rewritten
+    site of every graph, those Dynamo captures after ``optimize()`` returned included."""
     options = {
         "attnopt_inner": inner,
         "attnopt_variants": variants,
         "attnopt_target": target,
         "attnopt_report": report,
+        "attnopt_configure": configure,
     }
     compile_in_place(model, options)
     get_encoder = getattr(model, "get_encoder", None)
