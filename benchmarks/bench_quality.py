@@ -147,7 +147,7 @@ def main() -> None:
             f"{mean_rel_l1(after):.3e}",
             f"{losses[0]:.2e}→{losses[-1]:.2e}",
         )
-    Console().print(table)
+        Console().print(table)  # after each variant, so a long run shows progress
     budget_plans(model, cal, held, timing, args.model_rel_l1)
 
 
@@ -174,7 +174,7 @@ def budget_plans(model, cal, held, timing, levels: list[float]) -> None:
             f"{perplexity(opt, held):.3f}",
             f"{tokens_per_s(opt, timing):.0f}",
         )
-    Console().print(table)
+        Console().print(table)
 
 
 if __name__ == "__main__":
