@@ -2,7 +2,7 @@
 perplexity, site error and tokens/s, before and after ``attnopt.calibrate``.
 
     python benchmarks/bench_quality.py [--steps 100] [--variants linear gla hybrid]
-        [--model-rel-l1 0.05 0.2]
+        [--model-rel-l1 0.02 0.3]
 
 Every site is forced to the variant (no exact fallback, a budget nothing fails) so the table
 shows the variant's own quality (default knobs: hedgehog feature map, window 64); ``exact`` is
@@ -108,7 +108,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=100, help="calibration steps")
     parser.add_argument("--variants", nargs="+", default=["linear", "gla", "hybrid"])
     parser.add_argument(
-        "--model-rel-l1", nargs="+", type=float, default=[0.05, 0.3], help="model budget levels"
+        "--model-rel-l1", nargs="+", type=float, default=[0.02, 0.3], help="model budget levels"
     )
 
     parser.add_argument("--conv-basis", action="store_true", help="the ALiBi conv_basis table")

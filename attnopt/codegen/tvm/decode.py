@@ -46,15 +46,14 @@ def _cpu_kernel(spec: Spec, config: Config):
     """The PrimFunc of one signature class and tile config; every shape in it is symbolic."""
     from tvm.script import tirx as T
 
-    from attnopt.codegen.tvm.tirlib import STACK, exp2, hmax, hsum, lanes
+    from attnopt.codegen.tvm.tirlib import STACK, exp2, heads_buffers, hmax, hsum, lanes
 
     d, dv, dtype = spec.head_dim, spec.value_dim, spec.dtype
     bn, rb, rows, vec = config["block_n"], config["row_block"], config["rows"], config["vec"]
     pw = config["pv_cols"] * vec  # value-dim width of a P·V register tile
     exp_unit = LOG2E if spec.mask != "none" else 1.0
     lse_unit = 1.0 if spec.mask != "none" else LN2
-    key_stride, unit_stride = T.int64(spec.mask_key_stride), T.int64(1)
-    d64, dv64 = T.int64(d), T.int64(dv)
+    dv64 = T.int64(dv)
     neg = T.float32(NEG_INF)
 
     def dot(q_s, r, k_buf, b, hk, key):
@@ -232,22 +231,10 @@ def _cpu_kernel(spec: Spec, config: Config):
         split_keys: T.int64,
     ):
         T.func_attr({"tir.noalias": True})
-        B, H, HK, N, M, S = T.int64(), T.int64(), T.int64(), T.int64(), T.int64(), T.int64()
-        sq0, sq1, sq2 = T.int64(), T.int64(), T.int64()
-        sk0, sk1, sk2 = T.int64(), T.int64(), T.int64()
-        sv0, sv1, sv2 = T.int64(), T.int64(), T.int64()
-        sm0, sm1, sm2 = T.int64(), T.int64(), T.int64()
-        MB, MH, MN, MM = T.int64(), T.int64(), T.int64(), T.int64()
-        Q = T.match_buffer(q, (B, H, N, d64), dtype, strides=(sq0, sq1, sq2, unit_stride))
-        K = T.match_buffer(k, (B, HK, M, d64), dtype, strides=(sk0, sk1, sk2, unit_stride))
-        V = T.match_buffer(v, (B, HK, M, dv64), dtype, strides=(sv0, sv1, sv2, unit_stride))
-        MASK = T.match_buffer(
-            mask, (MB, MH, MN, MM), spec.mask_dtype, strides=(sm0, sm1, sm2, key_stride)
-        )
+        B, H, HK, N, M, Q, K, V, MASK, OUT, LSE = heads_buffers(q, k, v, mask, o, lse, spec)
+        S = T.int64()
         PO = T.match_buffer(po, (B, H, N, S, dv64), "float32")
         PL = T.match_buffer(pl, (B, H, N, S), "float32")
-        OUT = T.match_buffer(o, (B, H, N, dv64), dtype)
-        LSE = T.match_buffer(lse, (B, H, N), "float32")
         for task in T.parallel(B * HK * S):
             for rblk in range((H // HK * N + rb - 1) // rb):
                 attend_rows(

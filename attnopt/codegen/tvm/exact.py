@@ -144,7 +144,16 @@ def _cpu_kernel(spec: Spec, config: Config):
     """The PrimFunc of one signature class and config; every shape in it is symbolic."""
     from tvm.script import tirx as T
 
-    from attnopt.codegen.tvm.tirlib import STACK, concat, exp2, hmax, hsum, lanes, transpose
+    from attnopt.codegen.tvm.tirlib import (
+        STACK,
+        concat,
+        exp2,
+        heads_buffers,
+        hmax,
+        hsum,
+        lanes,
+        transpose,
+    )
 
     d, dv, dtype = spec.head_dim, spec.value_dim, spec.dtype
     bm, rows, vec, unroll = config["block_m"], config["rows"], config["vec"], config["unroll"]
@@ -157,8 +166,7 @@ def _cpu_kernel(spec: Spec, config: Config):
     exp_unit = LOG2E if masked else 1.0  # applied to s - max before exp2
     lse_unit = 1.0 if masked else LN2
     # buffer shapes and strides must be int64 throughout: the ABI binder checks their types
-    key_stride, unit_stride = T.int64(spec.mask_key_stride), T.int64(1)
-    d64, dv64, bn64 = T.int64(d), T.int64(dv), T.int64(bn)
+    d64, bn64 = T.int64(d), T.int64(bn)
     neg = T.float32(NEG_INF)
     over_tiles = config["parallel"] == 1
 
@@ -365,21 +373,9 @@ def _cpu_kernel(spec: Spec, config: Config):
         fill: T.float32,
     ):
         T.func_attr({"tir.noalias": True})
-        B, H, HK, N, M, NB = T.int64(), T.int64(), T.int64(), T.int64(), T.int64(), T.int64()
-        sq0, sq1, sq2 = T.int64(), T.int64(), T.int64()
-        sk0, sk1, sk2 = T.int64(), T.int64(), T.int64()
-        sv0, sv1, sv2 = T.int64(), T.int64(), T.int64()
-        sm0, sm1, sm2 = T.int64(), T.int64(), T.int64()
-        MB, MH, MN, MM = T.int64(), T.int64(), T.int64(), T.int64()
-        Q = T.match_buffer(q, (B, H, N, d64), dtype, strides=(sq0, sq1, sq2, unit_stride))
-        K = T.match_buffer(k, (B, HK, M, d64), dtype, strides=(sk0, sk1, sk2, unit_stride))
-        V = T.match_buffer(v, (B, HK, M, dv64), dtype, strides=(sv0, sv1, sv2, unit_stride))
+        B, H, HK, N, M, Q, K, V, MASK, OUT, LSE = heads_buffers(q, k, v, mask, o, lse, spec)
+        NB = T.int64()
         KT = T.match_buffer(kt, (B, HK, NB, d64, bn64), "float32")
-        MASK = T.match_buffer(
-            mask, (MB, MH, MN, MM), spec.mask_dtype, strides=(sm0, sm1, sm2, key_stride)
-        )
-        OUT = T.match_buffer(o, (B, H, N, dv64), dtype)
-        LSE = T.match_buffer(lse, (B, H, N), "float32")
         # K in fp32 panels of bn keys (zero past the last key), read as vectors by Q·Kᵀ
         for task in T.parallel(B * HK * NB):
             kb: T.let = task // (HK * NB)
@@ -421,13 +417,13 @@ def _cuda_kernel(spec: Spec, config: Config):
     max/sum in registers; a block's threads stage each key/value tile in shared memory."""
     from tvm.script import tirx as T
 
+    from attnopt.codegen.tvm.tirlib import heads_buffers
+
     d, dv, dtype = spec.head_dim, spec.value_dim, spec.dtype
     bm, bn = config["block_m"], config["block_n"]
     masked = spec.mask != "none"
     exp_unit = LOG2E if masked else 1.0
     lse_unit = 1.0 if masked else LN2
-    key_stride, unit_stride = T.int64(spec.mask_key_stride), T.int64(1)
-    d64, dv64 = T.int64(d), T.int64(dv)
     neg = T.float32(NEG_INF)
 
     @T.prim_func
@@ -444,20 +440,7 @@ def _cuda_kernel(spec: Spec, config: Config):
         fill: T.float32,
     ):
         T.func_attr({"tir.noalias": True})
-        B, H, HK, N, M = T.int64(), T.int64(), T.int64(), T.int64(), T.int64()
-        sq0, sq1, sq2 = T.int64(), T.int64(), T.int64()
-        sk0, sk1, sk2 = T.int64(), T.int64(), T.int64()
-        sv0, sv1, sv2 = T.int64(), T.int64(), T.int64()
-        sm0, sm1, sm2 = T.int64(), T.int64(), T.int64()
-        MB, MH, MN, MM = T.int64(), T.int64(), T.int64(), T.int64()
-        Q = T.match_buffer(q, (B, H, N, d64), dtype, strides=(sq0, sq1, sq2, unit_stride))
-        K = T.match_buffer(k, (B, HK, M, d64), dtype, strides=(sk0, sk1, sk2, unit_stride))
-        V = T.match_buffer(v, (B, HK, M, dv64), dtype, strides=(sv0, sv1, sv2, unit_stride))
-        MASK = T.match_buffer(
-            mask, (MB, MH, MN, MM), spec.mask_dtype, strides=(sm0, sm1, sm2, key_stride)
-        )
-        OUT = T.match_buffer(o, (B, H, N, dv64), dtype)
-        LSE = T.match_buffer(lse, (B, H, N), "float32")
+        B, H, HK, N, M, Q, K, V, MASK, OUT, LSE = heads_buffers(q, k, v, mask, o, lse, spec)
         for tile in T.thread_binding((N + bm - 1) // bm, thread="blockIdx.x"):
             for bh in T.thread_binding(B * H, thread="blockIdx.y"):
                 for tx in T.thread_binding(bm, thread="threadIdx.x"):

@@ -102,3 +102,25 @@ def transpose(vectors: list, width: int) -> list:
 def concat(vectors: list, width: int):
     """One vector holding ``vectors`` (each ``width`` lanes) end to end."""
     return tirx.Shuffle(vectors, [tirx.IntImm("int32", i) for i in range(width * len(vectors))])
+
+
+def heads_buffers(q, k, v, mask, o, lse, spec):
+    """The buffers of the kernels' contract, declared inside a ``prim_func`` body:
+    ``B, H, HK, N, M, Q, K, V, MASK, OUT, LSE = heads_buffers(q, k, v, mask, o, lse, spec)``.
+
+    q ``(B, H, N, D)``, k ``(B, HK, M, D)``, v ``(B, HK, M, Dv)`` with any outer strides and a
+    contiguous last dim (strided views need no copy); the mask with any shape that broadcasts
+    and ``spec.mask_key_stride`` along keys; out and lse contiguous. Sizes are symbolic.
+    """
+    d64, dv64, unit = T.int64(spec.head_dim), T.int64(spec.value_dim), T.int64(1)
+    B, H, HK, N, M = (T.int64() for _ in range(5))
+    sq, sk, sv, sm = ([T.int64() for _ in range(3)] for _ in range(4))
+    Q = T.match_buffer(q, (B, H, N, d64), spec.dtype, strides=(*sq, unit))
+    K = T.match_buffer(k, (B, HK, M, d64), spec.dtype, strides=(*sk, unit))
+    V = T.match_buffer(v, (B, HK, M, dv64), spec.dtype, strides=(*sv, unit))
+    mask_shape = tuple(T.int64() for _ in range(4))
+    key_stride = T.int64(spec.mask_key_stride)
+    MASK = T.match_buffer(mask, mask_shape, spec.mask_dtype, strides=(*sm, key_stride))
+    OUT = T.match_buffer(o, (B, H, N, dv64), spec.dtype)
+    LSE = T.match_buffer(lse, (B, H, N), "float32")
+    return B, H, HK, N, M, Q, K, V, MASK, OUT, LSE
