@@ -289,7 +289,7 @@ def _outer_form(view, softmax, scores, q_node, keys, chain, scale) -> AttentionS
 def _site(view, softmax, pv, region, operands, scale, full) -> AttentionSite:
     if not view.is_real(pv):
         raise _Miss("the value contraction is an intermediate of a fused op", pv)
-    _check_region(view, region, pv)
+    _check_region(view, region, pv, None)
     q, k1, k2, v1, v2 = operands
     return AttentionSite(
         location=view.location(softmax),
