@@ -694,6 +694,19 @@ form2("mask_where_causal_finfo_plus_additive", x_and_additive, mask="causal+addi
 )
 
 
+def _where_causal_tensor_fill_plus_additive(m, q, k, v, a):
+    """GPT-Neo: the fill value is a tensor built in forward (a lifted constant once exported)."""
+    n = q.shape[-2]
+    causal = torch.ones(n, n, dtype=torch.bool).tril()
+    floor = torch.tensor(torch.finfo(torch.float32).min, dtype=torch.float32)
+    return _sm(torch.where(causal, _s(q, k) * SCALE, floor) + a) @ v
+
+
+form2("mask_where_causal_tensor_fill_plus_additive", x_and_additive, mask="causal+additive")(
+    _where_causal_tensor_fill_plus_additive
+)
+
+
 def x_and_keep_bool(b: int, n: int) -> tuple:
     keep = torch.rand(b, 1, n, n) > 0.3
     keep[..., 0] = True

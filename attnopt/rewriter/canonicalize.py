@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch import nn
 
 from attnopt.rewriter.graph import Const, GraphView, Operand
 
@@ -149,6 +150,8 @@ def scalar_value(view: GraphView, n: Operand) -> float | None:
         value = n.value
     elif view.op(n) == "constant":
         value = view.attrs(n)["value"]
+    elif view.op(n) == "param" and not isinstance(view.attrs(n)["value"], nn.Parameter):
+        value = view.attrs(n)["value"]  # a one-number buffer or lifted constant (a fill value)
     else:
         return None
     if isinstance(value, torch.Tensor) and value.numel() == 1:

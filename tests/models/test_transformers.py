@@ -176,6 +176,25 @@ def bloom():
     return transformers.BloomModel(config), _padded, 2
 
 
+def gpt_neo():
+    """Global and local (window 8) layers; the causal mask applied by torch.where with a tensor
+    fill value (a lifted constant), q and k upcast to fp32, no scale."""
+    config = transformers.GPTNeoConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        num_layers=2,
+        num_heads=4,
+        attention_types=[[["global", "local"], 1]],
+        window_size=8,
+        max_position_embeddings=64,
+        bos_token_id=0,
+        eos_token_id=0,
+        use_cache=False,
+        attn_implementation="eager",
+    )
+    return transformers.GPTNeoModel(config), _padded, 2
+
+
 # Swin (5-D shifted-window view of the scores) is covered by the forms catalogue: its
 # transformers model takes minutes to export with dynamic image sizes on two CPU cores.
 MODELS = {
@@ -188,6 +207,7 @@ MODELS = {
     "mbart": mbart,
     "falcon_alibi": falcon_alibi,
     "bloom": bloom,
+    "gpt_neo": gpt_neo,
 }
 
 
