@@ -64,10 +64,7 @@ def search_plans(
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     active = [(i, p) for i, p in enumerate(plans) if p.candidates]
 
-    def constraints(trial) -> list[float]:
-        return [trial.user_attrs["excess"]]
-
-    sampler = optuna.samplers.NSGAIISampler(seed=0, constraints_func=constraints)
+    sampler = optuna.samplers.NSGAIISampler(seed=0)
     study = optuna.create_study(directions=["minimize", "minimize"], sampler=sampler)
     for _ in range(trials):
         trial = study.ask()
@@ -90,6 +87,7 @@ def search_plans(
         gm.recompile()
         plan = [f"{plans[i].report.location}: {c.name} {k}" for i, (c, k) in chosen.items()]
         trial.set_user_attr("excess", excess)
+        trial.set_constraint("budget", excess)  # NSGA-II ranks infeasible plans after feasible
         trial.set_user_attr("plan", plan)
         study.tell(trial, [ms, model.metrics()["rel_l1"]])
     front = [t for t in study.best_trials if t.user_attrs["excess"] <= 0]
