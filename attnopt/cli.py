@@ -29,6 +29,18 @@ from rich.table import Table
 from attnopt.errors import AttnoptError
 from attnopt.report import Report
 
+#: Options ``optimize`` and ``convert`` share: an error budget and fixed knob values.
+ToleranceOption = Annotated[
+    list[str],
+    typer.Option(
+        "--tolerance", help="a float, or metric=value (cos, rel_l1, rmse, model_rel_l1), repeatable"
+    ),
+]
+KnobOption = Annotated[
+    list[str],
+    typer.Option("--knob", help="fix a knob: variant.knob=value or site/variant.knob=value"),
+]
+
 app = typer.Typer(
     name="attnopt",
     help="Find attention in a model and rewrite it into fused kernels.",
@@ -135,17 +147,8 @@ def convert(
             "sums such as 'past + seq' follow from their parts)",
         ),
     ] = [],  # noqa: B006
-    tolerance: Annotated[
-        list[str],
-        typer.Option(
-            "--tolerance",
-            help="a float, or metric=value (cos, rel_l1, rmse, model_rel_l1), repeatable",
-        ),
-    ] = [],  # noqa: B006
-    knob: Annotated[
-        list[str],
-        typer.Option("--knob", help="fix a knob: variant.knob=value or site/variant.knob=value"),
-    ] = [],  # noqa: B006
+    tolerance: ToleranceOption = [],  # noqa: B006 (typer reads the default)
+    knob: KnobOption = [],  # noqa: B006
     json: Annotated[bool, typer.Option("--json", help="print the report as JSON")] = False,
 ) -> None:
     """Rewrite a model's attention into onnxruntime's fused ops (or, with --variant linear,
@@ -269,17 +272,8 @@ def optimize(
     variant: Annotated[
         list[str], typer.Option("--variant", help="allowed variants, in order of preference")
     ] = ["exact"],  # noqa: B006 (typer reads the default)
-    tolerance: Annotated[
-        list[str],
-        typer.Option(
-            "--tolerance",
-            help="a float, or metric=value (cos, rel_l1, rmse, model_rel_l1), repeatable",
-        ),
-    ] = [],  # noqa: B006
-    knob: Annotated[
-        list[str],
-        typer.Option("--knob", help="fix a knob: variant.knob=value or site/variant.knob=value"),
-    ] = [],  # noqa: B006
+    tolerance: ToleranceOption = [],  # noqa: B006 (typer reads the default)
+    knob: KnobOption = [],  # noqa: B006
     search: Annotated[
         bool, typer.Option("--search", help="an Optuna study picks variants and knobs per site")
     ] = False,
