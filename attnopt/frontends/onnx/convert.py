@@ -17,6 +17,7 @@ from onnx import helper
 from attnopt.budget import Budget
 from attnopt.errors import AttnoptError, OnnxModelError
 from attnopt.frontends.onnx import budget as onnx_budget
+from attnopt.frontends.onnx import conv_basis as _conv_basis  # noqa: F401 (registers its lowering)
 from attnopt.frontends.onnx import inputs as onnx_inputs
 from attnopt.frontends.onnx import linear as _linear  # noqa: F401 (registers its lowering)
 from attnopt.frontends.onnx import verify as ort_check
