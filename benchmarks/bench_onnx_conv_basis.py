@@ -5,13 +5,17 @@ of onnxruntime's ``DFT`` against numpy's FFT at the lengths the lowering uses.
 
     python benchmarks/bench_onnx_conv_basis.py --n 1024 4096 16384 --threads 1 --heads 2
 
-The site's heads are bias-only (q·k scaled to ~0), so every head takes the DFT branch; both
-graphs also build the model's ``(H, n, n)`` ALiBi bias (the same work in both).
+The site's heads are bias-only (q·k scaled to ~0), so every head takes the DFT branch. Both
+graphs also build the model's ``(H, n, n)`` ALiBi bias (the same work in both, O(n²)): the
+``model`` columns time the whole graph (median wall clock), the ``site`` columns only the nodes
+the conversion inserted (onnxruntime's profiler, kernel time of the last run; an ``If`` counts
+its branch).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import statistics
@@ -48,8 +52,10 @@ class AlibiSite(nn.Module):
         return F.softmax(scores, dim=-1) @ v
 
 
-def _session(path: Path, threads: int) -> ort.InferenceSession:
+def _session(path: Path, threads: int, profile: str | None = None) -> ort.InferenceSession:
     options = ort.SessionOptions()
+    if profile:
+        options.enable_profiling, options.profile_file_prefix = True, profile
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
@@ -64,6 +70,24 @@ def _time(sess: ort.InferenceSession, feeds: dict, repeats: int) -> tuple[float,
         sess.run(None, feeds)
         times.append(time.perf_counter() - start)
     return statistics.median(times) * 1e3, out
+
+
+def _site_ms(path: Path, feeds: dict, threads: int, prefix: str) -> float:
+    """Kernel time (ms) of the top-level nodes the conversion inserted, in one profiled run."""
+    model = onnx.load(str(path))
+    mine = {n.name for n in model.graph.node if n.name.startswith("attnopt/")}
+    sess = _session(path, threads, prefix)
+    sess.run(None, feeds)
+    sess.run(None, feeds)  # the first run pays allocation; only the last one is counted
+    events = json.loads(Path(sess.end_profiling()).read_text())
+    runs = [e for e in events if e.get("name") == "model_run"]
+    last = runs[-1]["ts"]
+    total = 0.0
+    for event in events:
+        name = event.get("name", "").removesuffix("_kernel_time")
+        if event.get("cat") == "Node" and name in mine and event["ts"] >= last:
+            total += event["dur"]
+    return total / 1e3
 
 
 def dft_accuracy(length: int, dtype: int) -> float:
@@ -117,16 +141,20 @@ def main() -> None:
             assert site.status == "rewritten", report.to_json()
             print(f"{variant}: {site.kernel} ({site.config})")
         sessions = {v: _session(p, args.threads) for v, p in paths.items()}
-        print(f"heads={args.heads} d={args.dim} threads={args.threads} fp32, median ms")
-        print(f"{'n':>6} {'exact ms':>10} {'conv ms':>10} {'speed-up':>9} {'max err':>9}")
+        print(f"heads={args.heads} d={args.dim} threads={args.threads} fp32, ms")
+        head = f"{'n':>6} {'model exact':>12} {'model conv':>11} {'speed-up':>9}"
+        print(f"{head} {'site exact':>11} {'site conv':>10} {'speed-up':>9} {'max err':>9}")
         for n in args.n:
             feeds = {name: np.random.default_rng(n).standard_normal(
                 (1, args.heads, n, args.dim)).astype(np.float32) for name in inputs}  # fmt: skip
             exact_ms, exact = _time(sessions["exact"], feeds, args.repeats)
             conv_ms, conv = _time(sessions["conv_basis"], feeds, args.repeats)
+            site = {v: _site_ms(p, feeds, args.threads, f"{tmp}/{v}{n}") for v, p in paths.items()}
             err = float(np.abs(conv - exact).max())
             print(
-                f"{n:>6} {exact_ms:>10.1f} {conv_ms:>10.1f} {exact_ms / conv_ms:>8.2f}x {err:>9.1e}"
+                f"{n:>6} {exact_ms:>12.1f} {conv_ms:>11.1f} {exact_ms / conv_ms:>8.2f}x "
+                f"{site['exact']:>11.1f} {site['conv_basis']:>10.1f} "
+                f"{site['exact'] / site['conv_basis']:>8.2f}x {err:>9.1e}"
             )
     print("onnxruntime DFT vs numpy FFT (max abs error / max |FFT|):")
     for n in args.n:

@@ -79,11 +79,38 @@ def _facts(graph: OnnxGraph, site: AttentionSite) -> _Facts:
     return facts
 
 
-def _inputs(e: _Emitter, f: _Facts) -> tuple[str, str, str, str | None]:
-    """q, k, v as fp32 ``(B, H|Hkv, N, D)`` and the site's masks as one fp32 bias."""
-    q, k, v = (e.node("Cast", [e.bnsh(x, 4)], to=FLOAT) for x in (f.site.q, f.site.k, f.site.v))
+def _qkv(e: _Emitter, f: _Facts) -> tuple[str, str, str]:
+    """q, k, v as fp32 ``(B, H|Hkv, N, D)``."""
+    return tuple(e.node("Cast", [e.bnsh(x, 4)], to=FLOAT) for x in (f.site.q, f.site.k, f.site.v))
+
+
+def _bias(e: _Emitter, f: _Facts) -> str:
+    """The site's masks as one fp32 bias broadcastable to ``(B, H, N, N)``."""
     mask = e.mask(f, allow_bool=False)
-    return q, k, v, None if mask is None else e.node("Cast", [mask], to=FLOAT)
+    return mask if f.dtype == "float32" else e.node("Cast", [mask], to=FLOAT)
+
+
+def _first_column(e: _Emitter, f: _Facts, n: str) -> str:
+    """The bias's first column ``(B|1, H|1, N, 1)`` in fp32, each mask term sliced before it is
+    scaled or summed (the full ``N × N`` bias is not needed for the lowered heads)."""
+    parts = []
+    for term in f.site.masks:
+        value = e.node("Slice", [e._term_value(term), *map(e.const, (_i64(0), _i64(1), _i64(-1)))])
+        if term.kind == "additive":
+            value = e.node("Cast", [value], to=FLOAT)
+            if term.multiplier != 1.0:
+                value = e.node("Mul", [value, e.const(np.float32(term.multiplier))])
+        else:
+            keep = value if term.kind == "keep" else e.node("Not", [value])
+            value = e.node("Where", [keep, *map(e.const, (np.float32(0.0), np.float32(f.fill)))])
+        parts.append(value)
+    column = parts[0]
+    for part in parts[1:]:
+        column = e.node("Add", [column, part])
+    rank = max(len(e._term_shape(t)) for t in f.site.masks)
+    column = e.unsqueeze(column, list(range(4 - rank)))
+    rows = e.node("Concat", [e.const(_i64(1, 1)), n, e.const(_i64(1))], axis=0)
+    return e.node("Expand", [column, rows])
 
 
 def calibrate(
@@ -98,7 +125,8 @@ def calibrate(
     and fit ``site_budget``: ``(refusal or None, per-head rows)``."""
     e = _Emitter(graph, "attnopt/probe")
     try:
-        values = [x for x in _inputs(e, _facts(graph, site)) if x is not None]
+        facts = _facts(graph, site)
+        values = [*_qkv(e, facts), *([_bias(e, facts)] if site.masks else [])]
     except NotExpressible as err:
         return f"no ONNX form: {err}", []
     probed = onnx.ModelProto()
@@ -157,14 +185,14 @@ def _dft(e: _Emitter, x: str, length: str, inverse: bool) -> str:
 
 
 def _cmul(e: _Emitter, a: str, z: str) -> str:
-    """``a·z`` for complex tensors stored as ``(…, 2)`` (real, imaginary)."""
-    ar, ai, zr, zi = (
-        e.node("Slice", [x, e.const(_i64(i)), e.const(_i64(i + 1)), e.const(_i64(-1))])
-        for x, i in ((a, 0), (a, 1), (z, 0), (z, 1))
+    """``a·z`` for complex tensors stored as ``(…, 2)`` (real, imaginary), ``a`` the smaller:
+    ``a_r·z + a_i·(z·J)`` with ``(z_r, z_i)·J = (−z_i, z_r)`` (a MatMul, no strided slices)."""
+    ar, ai = (
+        e.node("Slice", [a, e.const(_i64(i)), e.const(_i64(i + 1)), e.const(_i64(-1))])
+        for i in (0, 1)
     )
-    real = e.node("Sub", [e.node("Mul", [ar, zr]), e.node("Mul", [ai, zi])])
-    imag = e.node("Add", [e.node("Mul", [ar, zi]), e.node("Mul", [ai, zr])])
-    return e.node("Concat", [real, imag], axis=-1)
+    turned = e.node("MatMul", [z, e.const(np.array([[0.0, 1.0], [-1.0, 0.0]]))])
+    return e.node("Add", [e.node("Mul", [ar, z]), e.node("Mul", [ai, turned])])
 
 
 def _convolve(e: _Emitter, q: str, col: str, vc: str, dv: int) -> str:
@@ -235,23 +263,25 @@ def _lower_conv_basis(
     dv = site.v_shape[-1]
     tau, scale, group = float(module.tau), facts.scale, facts.heads // facts.kv_heads
     exact = [h for h in range(facts.heads) if h not in conv]
-    e = _Emitter(graph, prefix)
-    q, k, v, mask = _inputs(e, facts)
-    if mask is None:
+    if not site.masks:
         raise NotExpressible("no position bias at the site (a bias-derived basis needs one)")
+    e = _Emitter(graph, prefix)
+    q, k, v = _qkv(e, facts)
 
     def heads(x: str, index: list[int], kv: bool = False) -> str:
         return e.node(
             "Gather", [x, e.const(_i64(*(h // group if kv else h for h in index)))], axis=1
         )
 
-    def bias(index: list[int]) -> str:  # the mask's own head (0 where it broadcasts)
-        size = e.node("Slice", [e.node("Shape", [mask]), e.const(_i64(1)), e.const(_i64(2))])
+    def bias(index: list[int], of: str) -> str:  # the mask's head (0 where it broadcasts)
+        size = e.node("Slice", [e.node("Shape", [of]), e.const(_i64(1)), e.const(_i64(2))])
         top = e.node("Sub", [size, e.const(_i64(1))])
-        return e.node("Gather", [mask, e.node("Min", [e.const(_i64(*index)), top])], axis=1)
+        return e.node("Gather", [of, e.node("Min", [e.const(_i64(*index)), top])], axis=1)
 
     qc, kc, vc = heads(q, conv), heads(k, conv, True), heads(v, conv, True)
-    col = e.node("Slice", [bias(conv), e.const(_i64(0)), e.const(_i64(1)), e.const(_i64(3))])
+    n = e.node("Slice", [e.node("Shape", [q]), e.const(_i64(2)), e.const(_i64(3))])
+    col = bias(conv, _first_column(e, facts, n))  # (B|1, C, N, 1)
+    full = _bias(e, facts) if exact else None  # the exact heads need it; else only the fallback
     norms = [_reduce(e, "ReduceMax", _reduce(e, "ReduceL2", x, [3], 0), [2], 1) for x in (qc, kc)]
     bound = e.node("Mul", [e.node("Mul", norms), e.const(np.array(scale, np.float32))])  # (B, C, 1)
     spread = e.node(
@@ -268,7 +298,9 @@ def _lower_conv_basis(
     ]
     cond = e.node("And", within)
     then = _branch(e, lambda: _convolve(e, qc, col, vc, dv))
-    fallback = _branch(e, lambda: _exact(e, qc, kc, vc, bias(conv), len(conv), scale))
+    fallback = _branch(
+        e, lambda: _exact(e, qc, kc, vc, bias(conv, full or _bias(e, facts)), len(conv), scale)
+    )
     out = e.node("If", [cond], then_branch=then, else_branch=fallback)
     if exact:
         rest = _exact(
@@ -276,7 +308,7 @@ def _lower_conv_basis(
             heads(q, exact),
             heads(k, exact, True),
             heads(v, exact, True),
-            bias(exact),
+            bias(exact, full),
             len(exact),
             scale,
         )
