@@ -90,12 +90,84 @@ def _bias(e: _Emitter, f: _Facts) -> str:
     return mask if f.dtype == "float32" else e.node("Cast", [mask], to=FLOAT)
 
 
-def _first_column(e: _Emitter, f: _Facts, n: str) -> str:
-    """The bias's first column ``(B|1, H|1, N, 1)`` in fp32, each mask term sliced before it is
-    scaled or summed (the full ``N × N`` bias is not needed for the lowered heads)."""
+#: ops that commute with taking one column of their (broadcast) output
+ELEMENTWISE = frozenset(
+    {"Add", "Sub", "Mul", "Div", "Pow", "Neg", "Abs", "Exp", "Log", "Sqrt", "Cast", "Identity",
+     "Where", "Not", "And", "Or", "Equal", "Less", "LessOrEqual", "Greater", "GreaterOrEqual",
+     "Min", "Max"}
+)  # fmt: skip
+
+
+class _Chain:
+    """The model's nodes by output, for reading a value's first column (``…[..., 0:1]``)
+    through the elementwise ops that compute it and for copying the bias into a branch."""
+
+    def __init__(self, e: _Emitter) -> None:
+        self.e = e
+        self.producer = {out: n for n in e.graph.model.graph.node for out in n.output}
+        self.columns: dict[str, str] = {}
+
+    def column(self, name: str) -> str:
+        """``name[..., 0:1]``: sliced before elementwise ops so no ``N × N`` value is built."""
+        if name in self.columns:
+            return self.columns[name]
+        e, node = self.e, self.producer.get(name)
+        ranks = [None if x else 0 for x in node.input] if node is not None else []
+        for i, x in enumerate(node.input if node is not None else ()):
+            shape = e.graph.shapes.shape(x) if x else ()
+            ranks[i] = None if shape is None else len(shape)
+        if node is None or node.op_type not in ELEMENTWISE or node.domain or None in ranks:
+            out = e.node("Slice", [name, *map(e.const, (_i64(0), _i64(1), _i64(-1)))])
+        else:
+            inputs = [self.column(x) if r else x for x, r in zip(node.input, ranks, strict=True)]
+            out = e.fresh(node.op_type)
+            clone = helper.make_node(node.op_type, inputs, [out], name=e.fresh("node"))
+            clone.attribute.extend(node.attribute)
+            e.nodes.append(clone)
+        self.columns[name] = out
+        return out
+
+    def localize(self, nodes: list[onnx.NodeProto], sources: list[str]) -> list[onnx.NodeProto]:
+        """``nodes`` (a branch) preceded by copies of the model nodes that compute ``sources``
+        (the mask terms, back to ``Shape``, ``Size`` and ``Constant`` nodes) which ``nodes``
+        read: the model then need not compute them outside the branch on every call."""
+        copied: dict[str, str] = {}
+        picked: dict[int, onnx.NodeProto] = {}
+        todo = list(sources)
+        while todo:
+            node = self.producer.get(todo.pop())
+            if node is None or node.op_type in ("Shape", "Size", "Constant") or id(node) in picked:
+                continue
+            picked[id(node)] = node
+            for out in node.output:
+                copied[out] = self.e.fresh(node.op_type)
+            todo.extend(x for x in node.input if x)
+        order = [n for n in self.e.graph.model.graph.node if id(n) in picked]
+        clones = []
+        for node in order + nodes:
+            clone = onnx.NodeProto()
+            clone.CopyFrom(node)
+            for i, x in enumerate(clone.input):
+                clone.input[i] = copied.get(x, x)
+            for i, x in enumerate(clone.output):
+                clone.output[i] = copied.get(x, x)
+            if id(node) in picked:
+                clone.name = self.e.fresh("node")
+            clones.append(clone)
+        return clones
+
+
+def _first_column(e: _Emitter, f: _Facts, n: str, chain: _Chain) -> str:
+    """The bias's first column ``(B|1, H|1, N, 1)`` in fp32, read through the elementwise ops
+    computing each mask term (the full ``N × N`` bias is not needed for the lowered heads)."""
     parts = []
     for term in f.site.masks:
-        value = e.node("Slice", [e._term_value(term), *map(e.const, (_i64(0), _i64(1), _i64(-1)))])
+        if term.relayout is None and term.operand.perm is None:
+            value = chain.column(term.operand.source)
+        else:
+            value = e.node(
+                "Slice", [e._term_value(term), *map(e.const, (_i64(0), _i64(1), _i64(-1)))]
+            )
         if term.kind == "additive":
             value = e.node("Cast", [value], to=FLOAT)
             if term.multiplier != 1.0:
@@ -148,13 +220,18 @@ def calibrate(
     return refusal, rows
 
 
+def _mask_sources(site: AttentionSite) -> list[str]:
+    return [t.operand.source for t in site.masks] + [
+        r for t in site.masks for r in t.relayout or ()
+    ]
+
+
 def _reads_input(graph: OnnxGraph, site: AttentionSite) -> str | None:
     """The graph input whose values (not only its shape) the site's masks are computed from."""
     model = graph.model.graph
     producer = {out: node for node in model.node for out in node.output}
     inputs = {i.name for i in model.input} - {t.name for t in model.initializer}
-    todo = [t.operand.source for t in site.masks]
-    todo += [r for t in site.masks if t.relayout for r in t.relayout]
+    todo = _mask_sources(site)
     seen: set[str] = set()
     while todo:
         name = todo.pop()
@@ -237,11 +314,16 @@ def _exact(e: _Emitter, q: str, k: str, v: str, mask: str, heads: int, scale: fl
     return e.node("Transpose", [split], perm=[0, 2, 1, 3])
 
 
-def _branch(e: _Emitter, build) -> onnx.GraphProto:
-    """The nodes ``build()`` emits as a subgraph (an ``If`` branch) with its one output."""
+def _branch(
+    e: _Emitter, build, chain: _Chain | None = None, sources: list[str] = ()
+) -> onnx.GraphProto:
+    """The nodes ``build()`` emits as a subgraph (an ``If`` branch) with its one output; with
+    ``chain``, the model values they read are computed in the branch (``_Chain.localize``)."""
     kept, e.nodes = e.nodes, []
     out = build()
     nodes, e.nodes = e.nodes, kept
+    if chain is not None:
+        nodes = chain.localize(nodes, list(sources))
     value = helper.make_tensor_value_info(out, FLOAT, None)
     return helper.make_graph(nodes, e.fresh("branch"), [], [value])
 
@@ -280,7 +362,8 @@ def _lower_conv_basis(
 
     qc, kc, vc = heads(q, conv), heads(k, conv, True), heads(v, conv, True)
     n = e.node("Slice", [e.node("Shape", [q]), e.const(_i64(2)), e.const(_i64(3))])
-    col = bias(conv, _first_column(e, facts, n))  # (B|1, C, N, 1)
+    chain = _Chain(e)
+    col = bias(conv, _first_column(e, facts, n, chain))  # (B|1, C, N, 1)
     full = _bias(e, facts) if exact else None  # the exact heads need it; else only the fallback
     norms = [_reduce(e, "ReduceMax", _reduce(e, "ReduceL2", x, [3], 0), [2], 1) for x in (qc, kc)]
     bound = e.node("Mul", [e.node("Mul", norms), e.const(np.array(scale, np.float32))])  # (B, C, 1)
@@ -298,9 +381,16 @@ def _lower_conv_basis(
     ]
     cond = e.node("And", within)
     then = _branch(e, lambda: _convolve(e, qc, col, vc, dv))
-    fallback = _branch(
-        e, lambda: _exact(e, qc, kc, vc, bias(conv, full or _bias(e, facts)), len(conv), scale)
-    )
+    if exact:
+        fallback = _branch(e, lambda: _exact(e, qc, kc, vc, bias(conv, full), len(conv), scale))
+    else:  # the bias is built in the branch: only calls that fall back pay O(n²) for it
+        fallback = _branch(
+            e,
+            lambda: _exact(e, qc, kc, vc, bias(conv, _bias(e, facts)), len(conv), scale),
+            chain,
+            [t.operand.source for t in site.masks]
+            + [r for t in site.masks for r in t.relayout or ()],
+        )
     out = e.node("If", [cond], then_branch=then, else_branch=fallback)
     if exact:
         rest = _exact(
