@@ -13,6 +13,10 @@ exact in ONNX, with that reason. Per call an ``If`` guards the lowered heads and
 exact attention for them when the content term ``scale·max‖q‖·max‖k‖`` exceeds ``tau`` or the
 basis spans more than ``FP64_RANGE`` (the torch path's per-call test, O(n·d)).
 
+The bias column is read through the elementwise ops that build the bias (ALiBi's
+``slopes·(i − j)``: O(n), not the model's ``N × N`` bias); the full bias is built only where an
+exact head or the fallback branch needs it (with every head lowered, inside that branch).
+
 Per lowered head: ``E = exp(b − max b)``, ``b`` the bias column; numerator and denominator are
 one causal convolution of ``E`` with ``[V 1]`` by ``DFT`` (length the power of two ≥ 2n − 1,
 onnxruntime's radix-2 path; other lengths take its slow path), in fp64. Pairs of value channels
@@ -49,6 +53,7 @@ from attnopt.rewriter.site import AttentionSite
 
 FLOAT, DOUBLE = ELEM_TYPES["float32"], TensorProto.DOUBLE
 FP64_RANGE = 20.0  # e^20 × fp64 FFT rounding (~1e-16·log n) stays below 1e-6 of a row's sum
+TOEPLITZ_RTOL = 1e-6  # first column vs last row: equal up to fp32 rounding
 MEASURED = "measured basis (its segments depend on each call's q·k: data-dependent control flow)"
 
 
@@ -105,26 +110,32 @@ class _Chain:
     def __init__(self, e: _Emitter) -> None:
         self.e = e
         self.producer = {out: n for n in e.graph.model.graph.node for out in n.output}
-        self.columns: dict[str, str] = {}
+        self.parts: dict[tuple, str] = {}
 
-    def column(self, name: str) -> str:
-        """``name[..., 0:1]``: sliced before elementwise ops so no ``N × N`` value is built."""
-        if name in self.columns:
-            return self.columns[name]
+    def part(self, name: str, axis: int, start: int) -> str:
+        """``name`` sliced to index ``start`` (kept as size 1) on ``axis`` (< 0), sliced before
+        elementwise ops so no ``N × N`` value is built."""
+        key = (name, axis, start)
+        if key in self.parts:
+            return self.parts[key]
         e, node = self.e, self.producer.get(name)
         ranks = [None if x else 0 for x in node.input] if node is not None else []
         for i, x in enumerate(node.input if node is not None else ()):
             shape = e.graph.shapes.shape(x) if x else ()
             ranks[i] = None if shape is None else len(shape)
         if node is None or node.op_type not in ELEMENTWISE or node.domain or None in ranks:
-            out = e.node("Slice", [name, *map(e.const, (_i64(0), _i64(1), _i64(-1)))])
+            end = start + 1 if start != -1 else 2**62
+            out = e.node("Slice", [name, *map(e.const, (_i64(start), _i64(end), _i64(axis)))])
         else:
-            inputs = [self.column(x) if r else x for x, r in zip(node.input, ranks, strict=True)]
+            inputs = [
+                self.part(x, axis, start) if r >= -axis else x
+                for x, r in zip(node.input, ranks, strict=True)
+            ]
             out = e.fresh(node.op_type)
             clone = helper.make_node(node.op_type, inputs, [out], name=e.fresh("node"))
             clone.attribute.extend(node.attribute)
             e.nodes.append(clone)
-        self.columns[name] = out
+        self.parts[key] = out
         return out
 
     def localize(self, nodes: list[onnx.NodeProto], sources: list[str]) -> list[onnx.NodeProto]:
@@ -157,17 +168,17 @@ class _Chain:
         return clones
 
 
-def _first_column(e: _Emitter, f: _Facts, n: str, chain: _Chain) -> str:
-    """The bias's first column ``(B|1, H|1, N, 1)`` in fp32, read through the elementwise ops
-    computing each mask term (the full ``N × N`` bias is not needed for the lowered heads)."""
+def _bias_part(e: _Emitter, f: _Facts, chain: _Chain, axis: int, start: int) -> str:
+    """One column (``axis`` -1) or row (-2) of the bias, rank 4, fp32, read through the
+    elementwise ops computing each mask term (no ``N × N`` bias is built)."""
     parts = []
     for term in f.site.masks:
         if term.relayout is None and term.operand.perm is None:
-            value = chain.column(term.operand.source)
+            value = chain.part(term.operand.source, axis, start)
         else:
-            value = e.node(
-                "Slice", [e._term_value(term), *map(e.const, (_i64(0), _i64(1), _i64(-1)))]
-            )
+            end = start + 1 if start != -1 else 2**62
+            sliced = [e._term_value(term), *map(e.const, (_i64(start), _i64(end), _i64(axis)))]
+            value = e.node("Slice", sliced)
         if term.kind == "additive":
             value = e.node("Cast", [value], to=FLOAT)
             if term.multiplier != 1.0:
@@ -176,13 +187,26 @@ def _first_column(e: _Emitter, f: _Facts, n: str, chain: _Chain) -> str:
             keep = value if term.kind == "keep" else e.node("Not", [value])
             value = e.node("Where", [keep, *map(e.const, (np.float32(0.0), np.float32(f.fill)))])
         parts.append(value)
-    column = parts[0]
+    total = parts[0]
     for part in parts[1:]:
-        column = e.node("Add", [column, part])
+        total = e.node("Add", [total, part])
     rank = max(len(e._term_shape(t)) for t in f.site.masks)
-    column = e.unsqueeze(column, list(range(4 - rank)))
-    rows = e.node("Concat", [e.const(_i64(1, 1)), n, e.const(_i64(1))], axis=0)
-    return e.node("Expand", [column, rows])
+    return e.unsqueeze(total, list(range(4 - rank)))
+
+
+def _edges(e: _Emitter, f: _Facts, n: str, chain: _Chain) -> tuple[str, str]:
+    """The bias's first column ``(B|1, H|1, N, 1)`` and its last row reversed, laid out the
+    same way: equal where the lower triangle is Toeplitz (a necessary condition, O(n))."""
+    column = e.node("Expand", [_bias_part(e, f, chain, -1, 0), _shape(e, n, 1)])
+    row = e.node("Expand", [_bias_part(e, f, chain, -2, -1), _shape(e, 1, n)])
+    steps = (_i64(-1), _i64(-(2**62)), _i64(-1), _i64(-1))
+    backwards = e.node("Slice", [row, *map(e.const, steps)])
+    return column, e.node("Transpose", [backwards], perm=[0, 1, 3, 2])
+
+
+def _shape(e: _Emitter, rows: str | int, cols: str | int) -> str:
+    dims = [e.const(_i64(x)) if isinstance(x, int) else x for x in (1, 1, rows, cols)]
+    return e.node("Concat", dims, axis=0)
 
 
 def calibrate(
@@ -272,9 +296,9 @@ def _cmul(e: _Emitter, a: str, z: str) -> str:
     return e.node("Add", [e.node("Mul", [ar, z]), e.node("Mul", [ai, turned])])
 
 
-def _convolve(e: _Emitter, q: str, col: str, vc: str, dv: int) -> str:
-    """Conv-basis attention of the heads in ``vc (B, C, N, dv)`` with basis column ``col``."""
-    n = e.node("Slice", [e.node("Shape", [q]), e.const(_i64(2)), e.const(_i64(3))])
+def _convolve(e: _Emitter, n: str, col: str, vc: str, dv: int) -> str:
+    """Conv-basis attention of the heads in ``vc (B, C, N, dv)`` with basis column ``col``
+    (``n``: N as a 1-D int64)."""
     two_n = e.node("Cast", [e.node("Sub", [e.node("Add", [n, n]), e.const(_i64(1))])], to=DOUBLE)
     log2 = e.node("Div", [e.node("Log", [two_n]), e.const(np.array(math.log(2.0)))])
     length = e.node("Pow", [e.const(np.array(2.0)), e.node("Ceil", [log2])])
@@ -363,7 +387,7 @@ def _lower_conv_basis(
     qc, kc, vc = heads(q, conv), heads(k, conv, True), heads(v, conv, True)
     n = e.node("Slice", [e.node("Shape", [q]), e.const(_i64(2)), e.const(_i64(3))])
     chain = _Chain(e)
-    col = bias(conv, _first_column(e, facts, n, chain))  # (B|1, C, N, 1)
+    col, rev = (bias(conv, x) for x in _edges(e, facts, n, chain))  # (B|1, C, N, 1) each
     full = _bias(e, facts) if exact else None  # the exact heads need it; else only the fallback
     norms = [_reduce(e, "ReduceMax", _reduce(e, "ReduceL2", x, [3], 0), [2], 1) for x in (qc, kc)]
     bound = e.node("Mul", [e.node("Mul", norms), e.const(np.array(scale, np.float32))])  # (B, C, 1)
@@ -375,12 +399,19 @@ def _lower_conv_basis(
         ],
     )
     worst = e.node("Add", [spread, e.unsqueeze(bound, [3])])
+    skew = e.node(  # |first column − last row reversed| beyond fp32 rounding
+        "Sub",
+        [
+            e.node("Abs", [e.node("Sub", [col, rev])]),
+            e.node("Mul", [e.node("Abs", [col]), e.const(np.float32(TOEPLITZ_RTOL))]),
+        ],
+    )
     within = [
         e.node("LessOrEqual", [_reduce(e, "ReduceMax", x, None, 0), e.const(np.float32(limit))])
-        for x, limit in ((bound, tau), (worst, FP64_RANGE))
+        for x, limit in ((bound, tau), (worst, FP64_RANGE), (skew, TOEPLITZ_RTOL))
     ]
-    cond = e.node("And", within)
-    then = _branch(e, lambda: _convolve(e, qc, col, vc, dv))
+    cond = e.node("And", [e.node("And", within[:2]), within[2]])
+    then = _branch(e, lambda: _convolve(e, n, col, vc, dv))
     if exact:
         fallback = _branch(e, lambda: _exact(e, qc, kc, vc, bias(conv, full), len(conv), scale))
     else:  # the bias is built in the branch: only calls that fall back pay O(n²) for it

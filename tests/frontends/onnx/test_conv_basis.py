@@ -29,19 +29,25 @@ HEADS, DIM = 4, 8
 class AlibiSite(nn.Module):
     """One causal ALiBi attention of q, k, v given as inputs; ``content`` scales q·k."""
 
-    def __init__(self, content: float, bias_input: bool = False) -> None:
+    def __init__(
+        self, content: float, bias_input: bool = False, flat: bool = False, drift: bool = False
+    ) -> None:
         super().__init__()
-        self.content, self.bias_input = content, bias_input
+        self.content, self.bias_input, self.flat, self.drift = content, bias_input, flat, drift
         self.register_buffer("slopes", alibi_slopes(HEADS).view(HEADS, 1, 1))
 
     def forward(self, q, k, v, bias=None):
         n = q.shape[2]
+        if self.flat:  # the same q and k at every position: q·k adds a constant per head
+            q, k = (x.mean(2, keepdim=True).expand_as(x) for x in (q, k))
         att = (q * self.content) @ (k * self.content).transpose(-2, -1) / math.sqrt(DIM)
         pos = torch.arange(n)
         if self.bias_input:
             att = att + bias
         else:
             att = att - self.slopes * (pos[:, None] - pos[None, :]).float()
+        if self.drift:  # a per-key term that vanishes at length 24 only: Toeplitz there alone
+            att = att + 0.1 * pos[None, :].float() * (n - 24)
         att = att.masked_fill(pos[None, :] > pos[:, None], float("-inf"))
         return F.softmax(att, dim=-1) @ v
 
@@ -198,3 +204,52 @@ def test_old_opset_is_refused(tmp_path):
     report = convert(path, tmp_path / "out.onnx", variants=("conv_basis",))
     (site,) = report.sites
     assert site.status == "skipped" and "DFT (opset >= 17)" in site.reason, site.reason
+
+
+def test_measured_heads_stay_exact_in_onnx_with_the_reason(tmp_path):
+    """q·k is large but shift-invariant: torch finds k = 1 by search, a per-call measurement
+    that has no ONNX form, so the site stays exact there."""
+    path = _export(AlibiSite(content=1.0, flat=True).eval(), _qkv(24), tmp_path / "site.onnx")
+    report = convert(path, tmp_path / "out.onnx", variants=("conv_basis", "exact"))
+    (site,) = report.sites
+    first = site.trials[0]
+    assert first.decision.startswith("no ONNX form: no head has a bias-derived basis")
+    assert "data-dependent control flow" in first.decision
+    assert all(row["basis"] == "measured" and row["k"] == 1 for row in first.heads)
+    assert all(row["onnx"].startswith("exact: measured basis") for row in first.heads)
+    assert site.variant == "exact" and site.status == "rewritten"
+
+
+def test_model_budget_backs_the_site_off_to_exact(tmp_path):
+    tokens = torch.randint(0, 256, (1, 24), generator=torch.Generator().manual_seed(2))
+    dynamic = {"tokens": {0: "batch", 1: "seq"}}
+    path = export(
+        _mixed_lm(),
+        {"tokens": tokens},
+        tmp_path / "lm.onnx",
+        dynamo=False,
+        opset=17,
+        dynamic=dynamic,
+    )
+    budget = {"rel_l1": 0.05, "model_rel_l1": 1e-12}
+    report = convert(
+        path, tmp_path / "out.onnx", variants=("conv_basis", "exact"), tolerance=budget
+    )
+    (site,) = report.sites
+    assert site.trials[0].decision.startswith("backed off: model rel_l1")
+    assert site.trials[-1].decision.startswith("kept after backing off")
+    assert site.variant == "exact"
+
+
+def test_bias_that_is_toeplitz_only_at_the_calibration_length_falls_back(tmp_path):
+    model = AlibiSite(content=1e-3, drift=True).eval()
+    path = _export(model, _qkv(24), tmp_path / "site.onnx")
+    out = tmp_path / "conv.onnx"
+    report = convert(path, out, variants=("conv_basis",), dims={"batch": 1, "seq": 24})
+    assert report.sites[0].variant == "conv_basis", report.to_json()
+    for n, lowered in ((24, True), (31, False)):
+        feeds = _qkv(n, seed=n)
+        got, ran = _run(out, feeds, (_guard(out),))
+        assert bool(ran) == lowered  # first column ≠ last row reversed at 31: exact
+        with torch.no_grad():
+            np.testing.assert_allclose(got, model(**feeds).numpy(), rtol=1e-4, atol=1e-5)
