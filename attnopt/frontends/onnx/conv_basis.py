@@ -7,11 +7,13 @@ What the lowering computes has to hold for every input and every sequence length
 heads whose basis is the bias itself are lowered: a Toeplitz bias (ALiBi, relative bias) gives
 one segment whose basis is the bias's first column, read in-graph at the call's length. The
 bias must be computed from shapes and constants only (no input values), so its Toeplitz form,
-checked at the calibration length, does not depend on the input. Heads whose basis is measured
-from q·k would need the segment search on every call (data-dependent control flow): they stay
-exact in ONNX, with that reason. Per call an ``If`` guards the lowered heads and falls back to
-exact attention for them when the content term ``scale·max‖q‖·max‖k‖`` exceeds ``tau`` or the
-basis spans more than ``FP64_RANGE`` (the torch path's per-call test, O(n·d)).
+checked in full at the calibration length, does not depend on the input. Heads whose basis is
+measured from q·k would need the segment search on every call (data-dependent control flow):
+they stay exact in ONNX, with that reason. Per call an ``If`` guards the lowered heads and
+falls back to exact attention for them when the content term ``scale·max‖q‖·max‖k‖`` exceeds
+``tau`` (the torch path's per-call test, O(n·d)), the basis spans more than ``FP64_RANGE``, or
+the bias's first column differs from its last row reversed (necessary for a Toeplitz lower
+triangle, O(n): a bias whose form changes with the length falls back at other lengths).
 
 The bias column is read through the elementwise ops that build the bias (ALiBi's
 ``slopes·(i − j)``: O(n), not the model's ``N × N`` bias); the full bias is built only where an
