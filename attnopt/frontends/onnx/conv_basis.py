@@ -37,6 +37,7 @@ import torch
 from onnx import TensorProto, helper
 
 from attnopt.codegen.layout import HeadsLayout
+from attnopt.errors import OnnxModelError
 from attnopt.frontends.onnx import verify as ort_check
 from attnopt.frontends.onnx.graph import OnnxGraph
 from attnopt.frontends.onnx.model import ELEM_TYPES
@@ -231,8 +232,11 @@ def calibrate(
     probed.CopyFrom(work)
     probed.graph.node.extend(e.nodes)  # at the end: every value they read is computed before
     probed.graph.output.extend(helper.make_empty_tensor_value_info(name) for name in values)
-    sess = ort_check.session(probed, "the model with the site's inputs exposed", fuse=False)
-    got = ort_check.run(sess, feeds, "the model with the site's inputs exposed")
+    try:
+        sess = ort_check.session(probed, "the model with the site's inputs exposed", fuse=False)
+        got = ort_check.run(sess, feeds, "the model with the site's inputs exposed")
+    except OnnxModelError as err:
+        return f"no ONNX form: {err}", []
     q, k, v, *mask = (torch.from_numpy(got[name]) for name in values)
     bias = mask[0].expand(*q.shape[:2], q.shape[2], k.shape[2]) if mask else None
     module = replacement.module
@@ -298,9 +302,11 @@ def _cmul(e: _Emitter, a: str, z: str) -> str:
     return e.node("Add", [e.node("Mul", [ar, z]), e.node("Mul", [ai, turned])])
 
 
-def _convolve(e: _Emitter, n: str, col: str, vc: str, dv: int) -> str:
-    """Conv-basis attention of the heads in ``vc (B, C, N, dv)`` with basis column ``col``
-    (``n``: N as a 1-D int64)."""
+def _convolve(e: _Emitter, col: str, vc: str, dv: int) -> str:
+    """Conv-basis attention of the heads in ``vc (B, C, N, dv)`` with basis column ``col``.
+    N is read here, in the branch: onnxruntime's optimizer cannot rename an outer value a
+    branch reads (it warns and skips the rewrite)."""
+    n = e.node("Slice", [e.node("Shape", [vc]), e.const(_i64(2)), e.const(_i64(3))])
     two_n = e.node("Cast", [e.node("Sub", [e.node("Add", [n, n]), e.const(_i64(1))])], to=DOUBLE)
     log2 = e.node("Div", [e.node("Log", [two_n]), e.const(np.array(math.log(2.0)))])
     length = e.node("Pow", [e.const(np.array(2.0)), e.node("Ceil", [log2])])
@@ -413,7 +419,7 @@ def _lower_conv_basis(
         for x, limit in ((bound, tau), (worst, FP64_RANGE), (skew, TOEPLITZ_RTOL))
     ]
     cond = e.node("And", [e.node("And", within[:2]), within[2]])
-    then = _branch(e, lambda: _convolve(e, n, col, vc, dv))
+    then = _branch(e, lambda: _convolve(e, col, vc, dv))
     if exact:
         fallback = _branch(e, lambda: _exact(e, qc, kc, vc, bias(conv, full), len(conv), scale))
     else:  # the bias is built in the branch: only calls that fall back pay O(n²) for it

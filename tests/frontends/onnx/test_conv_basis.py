@@ -34,10 +34,12 @@ class AlibiSite(nn.Module):
     ) -> None:
         super().__init__()
         self.content, self.bias_input, self.flat, self.drift = content, bias_input, flat, drift
+        self.group = 1
         self.register_buffer("slopes", alibi_slopes(HEADS).view(HEADS, 1, 1))
 
     def forward(self, q, k, v, bias=None):
         n = q.shape[2]
+        k, v = (x.repeat_interleave(self.group, 1) for x in (k, v))
         if self.flat:  # the same q and k at every position: q·k adds a constant per head
             q, k = (x.mean(2, keepdim=True).expand_as(x) for x in (q, k))
         att = (q * self.content) @ (k * self.content).transpose(-2, -1) / math.sqrt(DIM)
@@ -253,3 +255,18 @@ def test_bias_that_is_toeplitz_only_at_the_calibration_length_falls_back(tmp_pat
         assert bool(ran) == lowered  # first column ≠ last row reversed at 31: exact
         with torch.no_grad():
             np.testing.assert_allclose(got, model(**feeds).numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_grouped_kv_heads(tmp_path):
+    model = AlibiSite(content=1e-3).eval()
+    model.group = 2
+    inputs = {name: x[:, : HEADS // 2] if name in "kv" else x for name, x in _qkv(24).items()}
+    path = _export(model, inputs, tmp_path / "site.onnx")
+    out = tmp_path / "conv.onnx"
+    report = convert(path, out, variants=("conv_basis",))
+    assert "conv heads [0, 1, 2, 3]" in report.sites[0].config, report.to_json()
+    feeds = {name: x[:, : HEADS // 2] if name in "kv" else x for name, x in _qkv(19, 3).items()}
+    got, ran = _run(out, feeds, (_guard(out),))
+    assert bool(ran)
+    with torch.no_grad():
+        np.testing.assert_allclose(got, model(**feeds).numpy(), rtol=1e-4, atol=1e-5)
