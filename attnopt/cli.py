@@ -151,8 +151,8 @@ def convert(
     knob: KnobOption = [],  # noqa: B006
     json: Annotated[bool, typer.Option("--json", help="print the report as JSON")] = False,
 ) -> None:
-    """Rewrite a model's attention into onnxruntime's fused ops (or, with --variant linear,
-    standard ops within an error budget), verify it, and time it."""
+    """Rewrite a model's attention into onnxruntime's fused ops (or, with --variant linear or
+    conv_basis, standard ops within an error budget), verify it, and time it."""
     from attnopt.frontends.onnx.convert import convert as convert_onnx
 
     dims = _dims(dim)

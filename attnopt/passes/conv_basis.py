@@ -19,7 +19,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from attnopt.codegen.eager.conv_basis import conv_basis_attention
+from attnopt.codegen.eager.conv_basis import content_bound, conv_basis_attention
 from attnopt.codegen.layout import HeadsLayout
 from attnopt.passes.base import Replacement, SiteModule, register_pass, site_attrs
 from attnopt.rewriter.site import AttentionSite
@@ -50,6 +50,9 @@ class ConvBasisSite(SiteModule):
         self.tau, self.k_max = float(tau), int(k_max)
         self.register_buffer("conv_heads", torch.ones(heads, dtype=torch.bool), persistent=False)
         self.register_buffer("bias_heads", torch.zeros(heads, dtype=torch.bool), persistent=False)
+        #: conv heads whose basis was the bias on every calibration call (set by ``fit``)
+        self.register_buffer("bias_basis", torch.zeros(heads, dtype=torch.bool), persistent=False)
+        self.fitted = False
         self._watch: dict[str, Any] | None = None
 
     def _full(self, heads: HeadsLayout):
@@ -114,6 +117,8 @@ class ConvBasisSite(SiteModule):
         watch["n"] = max(watch.get("n", 0), n)
         watch["k"] = torch.maximum(watch.get("k", ks.amax(0)), ks.amax(0))
         watch["toeplitz"] = watch.get("toeplitz", toeplitz) & toeplitz
+        bound = content_bound(q, k, self.attrs["scale"]).amax(0).cpu()
+        watch["content"] = torch.maximum(watch.get("content", bound), bound)
         sums = watch.setdefault("sums", [ErrorSums() for _ in range(h)])
         for head in range(h):
             sums[head].add(got[:, head], exact[:, head])
@@ -131,6 +136,7 @@ class ConvBasisSite(SiteModule):
         if "sums" not in watch:
             return "no calibration call reached this site", []
         n = watch["n"]
+        from_bias = watch["toeplitz"] & (watch["content"] <= self.tau)
         rows, keep = [], []
         for head, sums in enumerate(watch["sums"]):
             metrics, k = sums.metrics(), int(watch["k"][head])
@@ -148,7 +154,7 @@ class ConvBasisSite(SiteModule):
                     "head": head,
                     "k": k,
                     "variant": "conv_basis" if why is None else "exact",
-                    "basis": "bias" if bool(watch["toeplitz"][head]) else "measured",
+                    "basis": "bias" if bool(from_bias[head]) else "measured",
                     "rel_l1": metrics["rel_l1"],
                     "cos": metrics["cos"],
                     **({"reason": why} if why else {}),
@@ -156,6 +162,8 @@ class ConvBasisSite(SiteModule):
             )
         self.conv_heads.copy_(torch.tensor(keep))
         self.bias_heads.copy_(watch["toeplitz"])
+        self.bias_basis.copy_(from_bias & torch.tensor(keep))
+        self.fitted = True
         if not any(keep):
             return "no head qualifies: " + "; ".join(
                 f"head {r['head']} {r['reason']}" for r in rows

@@ -20,6 +20,7 @@ from onnx import helper
 from attnopt.budget import Budget
 from attnopt.errors import OnnxModelError
 from attnopt.frontends.onnx import verify as ort_check
+from attnopt.frontends.onnx.conv_basis import calibrate
 from attnopt.frontends.onnx.graph import OnnxGraph
 from attnopt.frontends.onnx.rewrite import NotExpressible, lower
 from attnopt.frontends.onnx.splice import Splice, restore, splice
@@ -43,6 +44,7 @@ class _Plan:
     position: int = 0
     live: Splice | None = None
     metrics: dict[str, float] = field(default_factory=dict)
+    parts: list[dict] = field(default_factory=list)  # what an observing module chose (heads)
 
 
 def _sums(a: np.ndarray, b: np.ndarray) -> ErrorSums:
@@ -62,14 +64,23 @@ def _run(work: onnx.ModelProto, extra: list[str], feeds: dict) -> dict[str, np.n
     return ort_check.run(sess, feeds, "the rewritten model")
 
 
-def _splice(graph: OnnxGraph, work: onnx.ModelProto, p: _Plan) -> str | None:
-    """Splice ``p``'s current candidate; None, or why it has no ONNX form."""
+def _splice(
+    graph: OnnxGraph, work: onnx.ModelProto, p: _Plan, feeds: dict, budget: Budget
+) -> VariantTrial | None:
+    """Splice ``p``'s current candidate (a module that ``observes`` first watches the site's
+    inputs in onnxruntime and fits the site budget); None, or the trial saying why not."""
     chosen, knobs = p.candidates[p.position]
     replacement = chosen.replacement(p.site, **knobs)
+    p.parts = []
+    if getattr(replacement.module, "observes", False):
+        refusal, p.parts = calibrate(graph, work, p.site, replacement, feeds, budget.site)
+        if refusal is not None:
+            decision = refusal if refusal.startswith(NO_ONNX_FORM) else "rejected: " + refusal
+            return VariantTrial(chosen.name, dict(knobs), {}, decision, p.parts)
     try:
         lowering = lower(graph, p.site, replacement, f"attnopt/site{p.index}/{chosen.name}")
     except NotExpressible as err:
-        return str(err)
+        return VariantTrial(chosen.name, dict(knobs), {}, NO_ONNX_FORM + str(err), p.parts)
     p.live = splice(work, lowering)
     p.report.kernel, p.report.config = lowering.kernel, lowering.config
     return None
@@ -104,11 +115,10 @@ def choose(
     pending = [p for p in plans if p.candidates]
     while pending:
         for p in pending:
-            while p.position < len(p.candidates) and (why := _splice(graph, work, p)):
-                chosen, knobs_now = p.candidates[p.position]
-                p.report.trials.append(
-                    VariantTrial(chosen.name, dict(knobs_now), {}, NO_ONNX_FORM + why)
-                )
+            while p.position < len(p.candidates) and (
+                refused := _splice(graph, work, p, feeds, budget)
+            ):
+                p.report.trials.append(refused)
                 p.position += 1
         pending = [p for p in pending if p.live is not None]
         try:
@@ -130,7 +140,8 @@ def choose(
                 over = metrics["max_error"] > limit
                 broken = [f"max error {metrics['max_error']:.2e} > {limit:.0e}"] if over else []
             decision = "kept" if not broken else "rejected: " + ", ".join(broken)
-            p.report.trials.append(VariantTrial(chosen.name, dict(knobs_now), metrics, decision))
+            trial = VariantTrial(chosen.name, dict(knobs_now), metrics, decision, p.parts)
+            p.report.trials.append(trial)
             if not broken:
                 p.metrics = metrics
                 continue
@@ -196,7 +207,7 @@ def _fit_model(graph, work, plans: list[_Plan], budget: Budget, feeds, reference
         if fallback is None:
             continue
         worst.position = worst.candidates.index(fallback)
-        why = _splice(graph, work, worst)
+        refused = _splice(graph, work, worst, feeds, budget)
         chosen, knobs = fallback
-        decision = f"kept after backing off ({reason})" if why is None else NO_ONNX_FORM + why
-        worst.report.trials.append(VariantTrial(chosen.name, dict(knobs), {}, decision))
+        kept = VariantTrial(chosen.name, dict(knobs), {}, f"kept after backing off ({reason})")
+        worst.report.trials.append(refused or kept)

@@ -17,6 +17,7 @@ from onnx import helper
 from attnopt.budget import Budget
 from attnopt.errors import AttnoptError, OnnxModelError
 from attnopt.frontends.onnx import budget as onnx_budget
+from attnopt.frontends.onnx import conv_basis as _conv_basis  # noqa: F401 (registers its lowering)
 from attnopt.frontends.onnx import inputs as onnx_inputs
 from attnopt.frontends.onnx import linear as _linear  # noqa: F401 (registers its lowering)
 from attnopt.frontends.onnx import verify as ort_check
@@ -101,9 +102,10 @@ def convert(
     With ``check``, every site is verified in onnxruntime on random inputs (base dynamic sizes
     from ``dims``, see ``attnopt.frontends.onnx.inputs``) and restored if it disagrees beyond
     ``tolerance`` (default: per dtype); ``latency`` also times both models in the same process.
-    With approximate ``variants`` (``linear``) or a ``tolerance`` dict, each site keeps the first
-    variant within that error budget, checked in onnxruntime at the site and for the model
-    (``frontends/onnx/budget.py``); ``knobs`` fixes knob values as in ``attnopt.optimize``.
+    With approximate ``variants`` (``linear``, ``conv_basis``) or a ``tolerance`` dict, each
+    site keeps the first variant within that error budget, checked in onnxruntime at the site
+    and for the model (``frontends/onnx/budget.py``); ``knobs`` fixes knob values as in
+    ``attnopt.optimize``.
     """
     passes = check_variants(variants)
     budgeted = bool(knobs) or isinstance(tolerance, dict) or any(p.approximate for p in passes)

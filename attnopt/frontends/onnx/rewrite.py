@@ -203,18 +203,6 @@ def _lower_quant(
     )
 
 
-@lowers("attnopt::conv_basis")
-def _lower_conv_basis(
-    graph: OnnxGraph, site: AttentionSite, replacement: Replacement, prefix: str
-) -> Lowering:
-    """Not lowered: conv_basis recovers its segments on every call (a data-dependent number of
-    DFTs, searched column by column), which would need ONNX ``Loop``/``If`` around ``DFT``."""
-    raise NotExpressible(
-        "conv_basis recovers its segments on every call (data-dependent control flow) and has "
-        "no ONNX lowering; convert with variants=('exact',) to keep the site exact in ONNX"
-    )
-
-
 @lowers("attnopt::attention")
 def _lower_exact(
     graph: OnnxGraph, site: AttentionSite, replacement: Replacement, prefix: str
