@@ -27,7 +27,10 @@ def test_default_budget_keeps_quant_on_learned_attention(fixture):
     assert [s.variant for s in report.sites] == ["quant", "quant"]
     for site in report.sites:
         (trial,) = site.trials
-        assert trial.knobs == {"bits": 8, "pv": "fp16"} and trial.decision == "kept"
+        assert (
+            trial.knobs == {"bits": 8, "pv": "fp16", "quant_projections": False}
+            and trial.decision == "kept"
+        )
         assert set(trial.metrics) >= {"cos", "rel_l1", "rmse"}
         assert trial.metrics["cos"] >= 0.995 and 0 < trial.metrics["rel_l1"] <= 0.03
     assert len(site_modules(opt)) == 2

@@ -1,0 +1,78 @@
+"""LLM.int8()-style linear layer (ALGORITHMS.md §6, projections): vector-wise INT8 with outlier
+feature columns kept in the activations' own precision.
+
+Per call, the input columns where any ``|x| >= threshold`` are the outliers: they are multiplied
+by the original weight's columns in ``x.dtype`` (exact, as the model would), and zeroed in the
+rest. The rest is quantized per row (``absmax / 127`` per token) against the weight quantized
+per output channel, one ``torch._int_mm`` with int32 accumulation (oneDNN: VNNI / AMX where
+present), then scaled by the outer product of the two scale vectors. Without the outlier split,
+one large feature would set every row's scale and wipe out the small features (Dettmers et al.).
+
+The weight is ``_int_mm``'s second operand, so on CPUs whose int8 GEMM saturates int16 pair sums
+(no VNNI / AMX) it is quantized to the same reduced range as the attention kernel's K
+(``k_range``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from attnopt.codegen.eager.quant import k_range
+
+OUTLIER_THRESHOLD = 6.0
+ACT_QMAX = 127
+
+
+def quantize_weight(weight: torch.Tensor, qmax: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(int8 (out, in), fp32 scale (out,))``: each output channel to ``±qmax``."""
+    wf = weight.detach().float()
+    scale = wf.abs().amax(dim=1).clamp_min(1e-12) / qmax
+    return torch.round(wf / scale[:, None]).clamp_(-qmax, qmax).to(torch.int8), scale
+
+
+def int8_linear(
+    x: torch.Tensor,
+    w_int8: torch.Tensor,
+    w_scale: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    threshold: float = OUTLIER_THRESHOLD,
+) -> torch.Tensor:
+    """``x @ weight.T + bias`` with the INT8 split above; ``x (..., in)``, ``weight (out, in)``
+    (the original, read only for outlier columns), ``w_int8``/``w_scale`` from
+    ``quantize_weight``."""
+    lead = x.shape[:-1]
+    rows = x.reshape(-1, x.shape[-1])
+    outliers = (rows.abs() >= threshold).any(dim=0)
+    regular = rows.float().masked_fill(outliers, 0.0)
+    x_scale = regular.abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / ACT_QMAX
+    x_int8 = torch.round(regular / x_scale).to(torch.int8)
+    out = torch._int_mm(x_int8, w_int8.t()) * (x_scale * w_scale)  # int32 · fp32 → fp32
+    cols = outliers.nonzero().flatten()
+    if cols.numel():
+        out += (rows[:, cols] @ weight[:, cols].to(rows.dtype).t()).float()
+    if bias is not None:
+        out += bias.float()
+    return out.to(x.dtype).reshape(*lead, weight.shape[0])
+
+
+class Int8Linear(nn.Module):
+    """A linear layer's weight quantized once at construction; ``int8_linear`` per call."""
+
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        threshold: float = OUTLIER_THRESHOLD,
+    ) -> None:
+        super().__init__()
+        w_int8, w_scale = quantize_weight(weight, k_range(8))
+        self.register_buffer("w_int8", w_int8)
+        self.register_buffer("w_scale", w_scale)
+        self.register_buffer("weight", weight.detach().clone())
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+        self.threshold = float(threshold)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return int8_linear(x, self.w_int8, self.w_scale, self.weight, self.bias, self.threshold)
