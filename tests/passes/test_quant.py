@@ -159,3 +159,20 @@ def test_quant_projections_is_a_switch():
     quant = PASSES["quant"]
     assert check_knob(quant, "quant_projections", True) is None
     assert "expected a bool" in check_knob(quant, "quant_projections", 1)
+
+
+def test_int8_projections_follow_a_loaded_checkpoint(fixture):
+    _, cal = fixture
+    model, other = load(), load()
+    with torch.no_grad():
+        for p in other.parameters():
+            p.mul_(1.05).add_(0.02 * torch.randn_like(p))
+    knobs = {"quant": {"quant_projections": True}}
+    opt = attnopt.optimize(model, cal[0], variants=("quant",), calibration=cal, knobs=knobs)
+    assert _int8_layers(opt) == 4
+    x = cal[1][0]
+    with torch.no_grad():
+        before, want = opt(x), other(x)
+        opt.load_state_dict(other.state_dict())
+        got = opt(x)
+    assert (got - want).abs().mean() < 0.1 * (before - want).abs().mean()

@@ -63,7 +63,11 @@ def int8_linear(
 
 
 class Int8Linear(nn.Module):
-    """A linear layer's weight quantized once at construction; ``int8_linear`` per call."""
+    """A linear layer's weight quantized per output channel; ``int8_linear`` per call.
+
+    ``weight`` and ``bias`` are the model's own tensors, not copies (outlier columns read the
+    weight): when they change in place (``load_state_dict`` into the optimized model, training)
+    the INT8 copy is redone on the next call, found by the weight's version counter."""
 
     def __init__(
         self,
@@ -72,12 +76,18 @@ class Int8Linear(nn.Module):
         threshold: float = OUTLIER_THRESHOLD,
     ) -> None:
         super().__init__()
-        w_int8, w_scale = quantize_weight(weight, k_range(8))
-        self.register_buffer("w_int8", w_int8)
-        self.register_buffer("w_scale", w_scale)
-        self.register_buffer("weight", weight.detach().clone())
-        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+        self.register_buffer("weight", weight.detach())
+        self.register_buffer("bias", None if bias is None else bias.detach())
         self.threshold = float(threshold)
+        self._quantize()
+
+    def _quantize(self) -> None:
+        w_int8, w_scale = quantize_weight(self.weight, k_range(8))
+        self.register_buffer("w_int8", w_int8, persistent=False)
+        self.register_buffer("w_scale", w_scale, persistent=False)
+        self._seen = self.weight._version
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight._version != self._seen:
+            self._quantize()
         return int8_linear(x, self.w_int8, self.w_scale, self.weight, self.bias, self.threshold)
