@@ -1,6 +1,7 @@
 """LLM.int8()-style linear (codegen/eager/int8_linear.py): within the error its quantization
 steps allow, and outlier feature columns contribute exactly."""
 
+import pytest
 import torch
 
 from attnopt.codegen.eager.int8_linear import ACT_QMAX, Int8Linear
@@ -66,3 +67,14 @@ def test_half_precision_input_keeps_its_dtype():
         got.float().flatten(), dense(x).float().flatten(), 0
     )
     assert cos > 0.999
+
+
+@pytest.mark.gpu
+def test_cuda_matches_cpu_at_any_row_count():
+    torch.manual_seed(3)
+    dense = torch.nn.Linear(40, 24)
+    x = torch.randn(3, 40)  # 3 rows: fewer than CUDA's _int_mm takes
+    x[1, 2] = 7.0
+    want = Int8Linear(dense.weight, dense.bias)(x)
+    layer = Int8Linear(dense.weight.cuda(), dense.bias.cuda())
+    torch.testing.assert_close(layer(x.cuda()).cpu(), want, atol=1e-5, rtol=1e-5)

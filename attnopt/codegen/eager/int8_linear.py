@@ -5,8 +5,9 @@ Per call, the input columns where any ``|x| >= threshold`` are the outliers: the
 by the original weight's columns in ``x.dtype`` (exact, as the model would), and zeroed in the
 rest. The rest is quantized per row (``absmax / 127`` per token) against the weight quantized
 per output channel, one ``torch._int_mm`` with int32 accumulation (oneDNN: VNNI / AMX where
-present), then scaled by the outer product of the two scale vectors. Without the outlier split,
-one large feature would set every row's scale and wipe out the small features (Dettmers et al.).
+present; other devices multiply the integers in fp32, see ``_int_product``), then scaled by the
+outer product of the two scale vectors. Without the outlier split, one large feature would set
+every row's scale and wipe out the small features (Dettmers et al.).
 
 The weight is ``_int_mm``'s second operand, so on CPUs whose int8 GEMM saturates int16 pair sums
 (no VNNI / AMX) it is quantized to the same reduced range as the attention kernel's K
@@ -54,12 +55,22 @@ def int8_linear(
         regular = regular.index_fill(1, cols, 0.0)
     x_scale = regular.abs().amax(dim=1, keepdim=True).clamp_min_(1e-12).div_(ACT_QMAX)
     x_int8 = (regular / x_scale).round_().to(torch.int8)
-    out = torch._int_mm(x_int8, w_int8.t()).float().mul_(x_scale).mul_(w_scale)
+    out = _int_product(x_int8, w_int8.t()).mul_(x_scale).mul_(w_scale)
     if cols.numel():
         out += (rows[:, cols] @ weight[:, cols].to(rows.dtype).t()).float()
     if bias is not None:
         out += bias.float()
     return out.to(x.dtype).reshape(*lead, weight.shape[0])
+
+
+def _int_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` of int8 matrices as fp32: ``torch._int_mm`` (int32 accumulation) on CPU; on
+    other devices the same integers multiplied in fp32 (CUDA's ``_int_mm`` takes only > 16 rows
+    and multiples of 8; fp32 rounds the integer sums only past 2^24, far below the
+    quantization error), correct but not faster."""
+    if a.device.type == "cpu":
+        return torch._int_mm(a, b).float()
+    return a.float() @ b.float()
 
 
 class Int8Linear(nn.Module):
