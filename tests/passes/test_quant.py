@@ -112,7 +112,7 @@ def test_projections_kept_within_the_default_budget(fixture):
     ):
         (trial,) = site.trials
         assert site.variant == "quant" and trial.knobs["quant_projections"] is True
-        assert trial.decision == f"kept (int8 projections: {qkv} (q/k/v), {out} (out))"
+        assert trial.decision == f"kept (projections replaced: {qkv} (q/k/v), {out} (out))"
         assert trial.metrics["cos"] >= 0.995 and 0 < trial.metrics["rel_l1"] <= 0.03
     assert _int8_layers(opt) == 4  # each block's fused qkv and output projection
     x = cal[1][0]
@@ -134,7 +134,7 @@ def test_projections_reverted_with_the_site_under_a_tight_budget(fixture):
     for site in opt.attnopt_report.sites:
         assert [t.variant for t in site.trials] == ["quant", "exact"]
         assert site.trials[0].decision.startswith("rejected: rel_l1")
-        assert "int8 projections" in site.trials[0].decision
+        assert "projections replaced" in site.trials[0].decision
     assert _int8_layers(opt) == 0 and not site_modules(opt)
     x = cal[1][0]
     with torch.no_grad():

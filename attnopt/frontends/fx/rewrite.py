@@ -112,7 +112,7 @@ def splice(
     gm: fx.GraphModule, view: GraphView, site: AttentionSite, replacement: Replacement
 ) -> Splice:
     """Insert the replacement before the site's output and move the output's users onto it
-    (with ``replacement.linear``, the users of the output projection, see ``_projections``)."""
+    (with ``replacement.linear``, the users of the output projection, see ``_project_output``)."""
     graph = gm.graph
     old = view.handle(site.output)
     before = set(graph.nodes)
@@ -228,7 +228,7 @@ def _projections_note(found: Projections) -> str:
     parts = [f"{node} ({'/'.join(names)})" for node, names in by_node.items()]
     if found.output is not None:
         parts.append(f"{found.output.node} (out)")
-    note = "int8 projections: " + ", ".join(parts)
+    note = "projections replaced: " + ", ".join(parts)
     return note if found.no_output is None else f"{note}; out kept: {found.no_output}"
 
 
