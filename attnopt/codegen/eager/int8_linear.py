@@ -87,8 +87,9 @@ class Int8Linear(nn.Module):
         threshold: float = OUTLIER_THRESHOLD,
     ) -> None:
         super().__init__()
-        self.register_buffer("weight", weight.detach())
-        self.register_buffer("bias", None if bias is None else bias.detach())
+        # not persistent: the checkpoint holds them under the model's own names
+        self.register_buffer("weight", weight.detach(), persistent=False)
+        self.register_buffer("bias", None if bias is None else bias.detach(), persistent=False)
         self.threshold = float(threshold)
         self._quantize()
 
