@@ -189,6 +189,8 @@ def choose(
             )
             if note is not None:  # what a replacement module decided on these batches
                 decision += f" ({note()})"
+            if p.live.note is not None:  # what the splice decided (quant's projections)
+                decision += f" ({p.live.note})"
             trial = VariantTrial(chosen.name, dict(knobs), metrics, decision, parts)
             p.report.trials.append(trial)
             if not broken:

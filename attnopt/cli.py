@@ -212,8 +212,11 @@ def _load_spec(spec: str) -> tuple:
     return made if len(made) == 3 else (*made, None)
 
 
-def _number(text: str) -> float | int | str:
-    """An int, else a float, else the text itself (a knob such as feature_map=elu)."""
+def _number(text: str) -> float | int | bool | str:
+    """An int, else a float, a bool (``true``/``false``: a switch such as quant_projections),
+    else the text itself (a knob such as feature_map=elu)."""
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
     try:
         return int(text)
     except ValueError:

@@ -18,6 +18,13 @@ A second table lets the error budget choose: every site may take ``hybrid``, ``g
 ``("conv_basis", "exact")`` at each site budget (``rel_l1``, also the model budget): the heads
 conv-basis takes (k and error per head), the held-out perplexity, and the time of one forward
 pass at each ``--long`` context against the original model.
+
+    python benchmarks/bench_quality.py --quant
+
+``--quant`` runs ``("quant", "exact")`` under quant's default budget (cos ≥ 0.995, rel_l1 ≤
+0.03 per site) with and without ``quant_projections``: each site's measured cos / rel_l1 (with
+projections, measured at the output projection's output), the logits' rel_l1 and the held-out
+perplexity change.
 """
 
 from __future__ import annotations
@@ -103,6 +110,36 @@ def conv_basis_table(budgets: list[float], long: list[int]) -> None:
     Console().print(table)
 
 
+def quant_table() -> None:
+    """quant with and without int8 projections on the fixture, within quant's default budget."""
+    train, held = text_bytes(TRAIN_FILES), text_bytes(HELD_OUT_FILES)
+    cal = [(b,) for b in batches(train, 2, 128, 4, seed=7)]
+    model = load()
+    base = perplexity(model, held)
+    table = Table(title=f"quant on the quality fixture (held-out ppl exact {base:.4f})")
+    for column in ("quant_projections", "site", "decision", "cos", "rel_l1", "rmse",
+                   "logits rel_l1 (cal)", "ppl", "Δppl"):  # fmt: skip
+        table.add_column(column)
+    for projections in (False, True):
+        opt = attnopt.optimize(
+            model,
+            cal[0],
+            variants=("quant", "exact"),
+            calibration=cal,
+            knobs={"quant": {"quant_projections": projections}},
+        )
+        report, ppl = opt.attnopt_report, perplexity(opt, held)
+        for site in report.sites:
+            trial = site.trials[0]
+            m = trial.metrics
+            table.add_row(
+                str(projections), site.location, trial.decision, f"{m['cos']:.6f}",
+                f"{m['rel_l1']:.2e}", f"{m['rmse']:.2e}", f"{report.model_metrics['rel_l1']:.2e}",
+                f"{ppl:.4f}", f"{ppl - base:+.4f}",
+            )  # fmt: skip
+    Console().print(table)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--steps", type=int, default=100, help="calibration steps")
@@ -114,7 +151,11 @@ def main() -> None:
     parser.add_argument("--conv-basis", action="store_true", help="the ALiBi conv_basis table")
     parser.add_argument("--budgets", type=float, nargs="+", default=[0.01, 0.05, 0.2])
     parser.add_argument("--long", type=int, nargs="*", default=[8192], help="contexts to time")
+    parser.add_argument("--quant", action="store_true", help="quant with/without projections")
     args = parser.parse_args()
+    if args.quant:
+        quant_table()
+        return
     if args.conv_basis:
         conv_basis_table(args.budgets, args.long)
         return

@@ -169,3 +169,13 @@ def test_optimize_command_search_json() -> None:
 def test_optimize_command_bad_input(args, message) -> None:
     result = runner.invoke(app, ["optimize", *args])
     assert result.exit_code == 1 and message in result.output, result.output
+
+
+def test_knob_switches_parse_as_bools() -> None:
+    from attnopt.cli import _knobs
+
+    parsed = _knobs(["quant.quant_projections=true", "blocks.1/quant.quant_projections=False"])
+    assert parsed == {
+        "quant": {"quant_projections": True},
+        "blocks.1": {"quant": {"quant_projections": False}},
+    }

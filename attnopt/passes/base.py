@@ -11,6 +11,7 @@ variant search reads them as its space) and the two methods below.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -27,11 +28,17 @@ from attnopt.targets import Target
 @dataclass(frozen=True)
 class Replacement:
     """Call ``op`` (a ``namespace::name`` custom op) on the site's q, k, v, mask and ``attrs``;
-    or, when ``module`` is set, call that module on ``(q, k, v, mask)`` instead."""
+    or, when ``module`` is set, call that module on ``(q, k, v, mask)`` instead.
+
+    ``linear(weight, bias)``, when set, builds the layer that replaces the site's projections:
+    the front end finds the linear layers producing q, k, v and reading the output
+    (``rewriter/projections.py``), and the site is then measured from their inputs to the
+    output projection's output, or says why they were kept."""
 
     op: str
     attrs: dict = field(default_factory=dict)
     module: nn.Module | None = None
+    linear: Callable[[torch.Tensor, torch.Tensor | None], nn.Module] | None = None
 
 
 class Pass(Protocol):
@@ -63,11 +70,14 @@ def default_knobs(p: Pass) -> dict[str, Any]:
 
 def check_knob(p: Pass, name: str, value: Any) -> str | None:
     """None if ``value`` is a valid setting of ``p``'s knob ``name``, else why not. A knob whose
-    choices are names takes one of them; an integer knob any integer ≥ 1 (≥ 0 when 0 is among
-    its choices) that the pass's own ``check_knob`` (if any) accepts."""
+    choices are names takes one of them, a switch (choices ``False, True``) a bool; an integer
+    knob any integer ≥ 1 (≥ 0 when 0 is among its choices) that the pass's own ``check_knob``
+    (if any) accepts."""
     if name not in p.knobs:
         return f"{p.name} has no knob {name!r} (knobs: {', '.join(sorted(p.knobs)) or 'none'})"
     choices = p.knobs[name]
+    if all(isinstance(c, bool) for c in choices):
+        return None if isinstance(value, bool) else f"{p.name} {name}={value!r}; expected a bool"
     if all(isinstance(c, str) for c in choices):
         if value not in choices:
             return f"{p.name} {name}={value!r}; choose one of {', '.join(choices)}"

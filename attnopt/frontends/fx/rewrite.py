@@ -17,6 +17,7 @@ import attnopt.codegen.ops  # noqa: F401  (defines torch.ops.attnopt.attention)
 from attnopt.passes.base import Replacement
 from attnopt.rewriter.canonicalize import TracedOperand
 from attnopt.rewriter.graph import Const, GraphView
+from attnopt.rewriter.projections import Projection, Projections, find_projections
 from attnopt.rewriter.site import AttentionSite
 
 aten = torch.ops.aten
@@ -32,6 +33,7 @@ class Splice:
     op_call: fx.Node
     replacement: Replacement
     created: list[fx.Node]  # every node the splice inserted, in graph order
+    note: str | None = None  # what the splice decided (which projections it replaced, or why not)
 
     def restore(self) -> None:
         self.new.replace_all_uses_with(self.old)
@@ -50,8 +52,11 @@ def _resolve_op(name: str) -> Any:
     return getattr(getattr(torch.ops, namespace), op).default
 
 
-def _value(graph: fx.Graph, view: GraphView, operand: TracedOperand) -> fx.Node:
+def _value(
+    graph: fx.Graph, view: GraphView, operand: TracedOperand, remap: dict | None = None
+) -> fx.Node:
     node = view.handle(operand.source)
+    node = (remap or {}).get(node, node)
     if operand.perm is not None:
         node = graph.call_function(aten.permute.default, (node, list(operand.perm)))
     return node
@@ -106,14 +111,21 @@ def _mask(graph: fx.Graph, view: GraphView, site: AttentionSite) -> fx.Node | No
 def splice(
     gm: fx.GraphModule, view: GraphView, site: AttentionSite, replacement: Replacement
 ) -> Splice:
-    """Insert the replacement before the site's output and move the output's users onto it."""
+    """Insert the replacement before the site's output and move the output's users onto it
+    (with ``replacement.linear``, the users of the output projection, see ``_project_output``)."""
     graph = gm.graph
     old = view.handle(site.output)
     before = set(graph.nodes)
+    found = find_projections(view, site) if replacement.linear is not None else None
+    remap: dict[fx.Node, fx.Node] = {}
     with graph.inserting_before(old):
-        q = _value(graph, view, site.q)
-        k = _cast(graph, _value(graph, view, site.k), view.dtype(site.k.source), site.dtype)
-        v = _cast(graph, _value(graph, view, site.v), view.dtype(site.v.source), site.dtype)
+        if isinstance(found, Projections):
+            remap = _project_inputs(gm, view, site, found, replacement.linear)
+        q = _value(graph, view, site.q, remap)
+        k = _value(graph, view, site.k, remap)
+        v = _value(graph, view, site.v, remap)
+        k = _cast(graph, k, view.dtype(site.k.source), site.dtype)
+        v = _cast(graph, v, view.dtype(site.v.source), site.dtype)
         mask = _mask(graph, view, site)
         # a tensor-attention site's second key and value sets follow the standard operands
         pairs = [
@@ -146,9 +158,78 @@ def splice(
             new = graph.call_function(aten.permute.default, (new, list(site.output_perm)))
         if site.output_dtype is not None and site.output_dtype != site.dtype:
             new = graph.call_function(aten.to.dtype, (new, getattr(torch, site.output_dtype)))
+        note = None
+        if isinstance(found, Projections):
+            note = _projections_note(found)
+            if found.output is not None:
+                old, new = _project_output(gm, view, old, new, found.output, replacement.linear)
+        elif found is not None:
+            note = f"projections kept: {found}"
     old.replace_all_uses_with(new)
     created = [n for n in graph.nodes if n not in before]
-    return Splice(site, old, new, call, replacement, created)
+    return Splice(site, old, new, call, replacement, created, note)
+
+
+def _linear_call(gm: fx.GraphModule, view: GraphView, proj: Projection, make) -> fx.Node:
+    name = _free_name(gm)
+    gm.add_submodule(name, make(proj.weight, proj.bias))
+    return gm.graph.call_module(name, (view.handle(proj.input),))
+
+
+def _copy_between(graph: fx.Graph, remap: dict, targets: list[fx.Node]) -> None:
+    """Copy the nodes on every path from ``remap``'s keys to ``targets`` (views, splits, a
+    rotary embedding), reading the keys' replacements; ``remap`` gains the copies. The
+    originals stay, so the site's original output is still computed from the exact values."""
+    below, todo = set(), list(remap)
+    while todo:
+        for user in todo.pop().users:
+            if user not in below:
+                below.add(user)
+                todo.append(user)
+    above, todo = set(), list(targets)
+    while todo:
+        node = todo.pop()
+        if node not in above:
+            above.add(node)
+            todo.extend(node.all_input_nodes)
+    for node in list(graph.nodes):
+        if node in below and node in above and node not in remap:
+            remap[node] = graph.node_copy(node, lambda a: remap.get(a, a))
+
+
+def _project_inputs(gm, view, site, found: Projections, make) -> dict:
+    """The q/k/v projections as ``make``'s layers and the values between them and the site
+    copied onto them: ``{original node: replacement}``."""
+    remap = {}
+    for proj in found.inputs.values():
+        if view.handle(proj.node) not in remap:
+            remap[view.handle(proj.node)] = _linear_call(gm, view, proj, make)
+    sources = [view.handle(o.source) for o in (site.q, site.k, site.v)]
+    _copy_between(gm.graph, remap, sources)
+    return remap
+
+
+def _project_output(gm, view, old: fx.Node, new: fx.Node, proj: Projection, make):
+    """The output projection as ``make``'s layer reading ``new``: ``(the original projection's
+    node, its replacement)``, which the site is measured and spliced at instead. Inserted before
+    the original projection: the views between may read sizes computed after the site."""
+    remap, there = {old: new}, view.handle(proj.node)
+    with gm.graph.inserting_before(there):
+        _copy_between(gm.graph, remap, [view.handle(proj.input)])
+        name = _free_name(gm)
+        gm.add_submodule(name, make(proj.weight, proj.bias))
+        return there, gm.graph.call_module(name, (remap[view.handle(proj.input)],))
+
+
+def _projections_note(found: Projections) -> str:
+    by_node: dict[str, list[str]] = {}
+    for name, proj in found.inputs.items():
+        by_node.setdefault(proj.node, []).append(name)
+    parts = [f"{node} ({'/'.join(names)})" for node, names in by_node.items()]
+    if found.output is not None:
+        parts.append(f"{found.output.node} (out)")
+    note = "projections replaced: " + ", ".join(parts)
+    return note if found.no_output is None else f"{note}; out kept: {found.no_output}"
 
 
 def _is_impure(node: fx.Node) -> bool:
