@@ -8,40 +8,27 @@ Prints the phases attnopt reports and the wall time of the whole call (goal: und
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
 import torch
 from rich.console import Console
 from rich.table import Table
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 import attnopt
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/tiny_hf.py builds the models
+from tests import tiny_hf  # noqa: E402
+
 
 def build(name: str, layers: int) -> torch.nn.Module:
+    sizes = dict(layers=layers, hidden=768, heads=12, use_cache=False)
     if name == "gpt2":
-        config = GPT2Config(
-            n_layer=layers,
-            n_embd=768,
-            n_head=12,
-            vocab_size=50257,
-            bos_token_id=0,
-            eos_token_id=0,
-            use_cache=False,
-            attn_implementation="eager",
-        )
-        return GPT2LMHeadModel(config).eval()
-    config = LlamaConfig(
-        num_hidden_layers=layers,
-        hidden_size=768,
-        num_attention_heads=12,
-        num_key_value_heads=4,
-        intermediate_size=2048,
-        vocab_size=32000,
-        use_cache=False,
-        attn_implementation="eager",
-    )
-    return LlamaForCausalLM(config).eval()
+        gpt2 = dict(vocab=50257, positions=1024, bos_token_id=0, eos_token_id=0)
+        return tiny_hf.model("gpt2", **sizes, **gpt2).eval()
+    llama = dict(ffn=2048, vocab=32000, positions=2048, num_key_value_heads=4)
+    return tiny_hf.model("llama", **sizes, **llama).eval()
 
 
 def main() -> None:

@@ -25,6 +25,7 @@ import copy
 import inspect
 import json
 import statistics
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -32,9 +33,11 @@ from pathlib import Path
 import torch
 from rich.console import Console
 from rich.table import Table
-from transformers import LlamaConfig, LlamaForCausalLM
 
 import attnopt
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/tiny_hf.py builds the models
+from tests import tiny_hf  # noqa: E402
 
 VARIANTS = ("eager", "sdpa", "compile", "attnopt", "attnopt+compile")
 
@@ -53,18 +56,17 @@ class Row:
     note: str = ""
 
 
-def build(args: argparse.Namespace) -> LlamaForCausalLM:
-    config = LlamaConfig(
-        num_hidden_layers=args.layers,
-        hidden_size=args.hidden,
-        num_attention_heads=args.heads,
+def build(args: argparse.Namespace) -> torch.nn.Module:
+    return tiny_hf.model(
+        "llama",
+        layers=args.layers,
+        hidden=args.hidden,
+        heads=args.heads,
+        ffn=args.hidden * 11 // 4,
+        vocab=args.vocab,
+        positions=max(args.ctx) + args.new + 1,
         num_key_value_heads=args.kv_heads,
-        intermediate_size=args.hidden * 11 // 4,
-        vocab_size=args.vocab,
-        max_position_embeddings=max(args.ctx) + args.new + 1,
-        attn_implementation="eager",
-    )
-    return LlamaForCausalLM(config).eval()
+    ).eval()
 
 
 def make_variant(name: str, eager: torch.nn.Module, example: dict) -> torch.nn.Module:

@@ -18,6 +18,7 @@ import argparse
 import copy
 import json
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -26,9 +27,11 @@ from pathlib import Path
 import torch
 from rich.console import Console
 from rich.table import Table
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 import attnopt
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/tiny_hf.py builds the models
+from tests import tiny_hf  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 VARIANTS = ("eager", "sdpa", "compile(eager)", "attnopt", "compile(attnopt)")
@@ -48,31 +51,14 @@ class Row:
 
 def build(name: str, layers: int, hidden: int, max_len: int) -> torch.nn.Module:
     """A randomly initialised eager-attention model of the given family."""
+    sizes = dict(layers=layers, hidden=hidden, heads=16, positions=max_len, use_cache=False)
     if name == "gpt2":
-        config = GPT2Config(
-            n_layer=layers,
-            n_embd=hidden,
-            n_head=16,
-            n_positions=max_len,
-            vocab_size=50257,
-            bos_token_id=0,
-            eos_token_id=0,
-            use_cache=False,
-            attn_implementation="eager",
+        model = tiny_hf.model("gpt2", **sizes, vocab=50257, bos_token_id=0, eos_token_id=0)
+    else:
+        model = tiny_hf.model(
+            "llama", **sizes, ffn=hidden * 11 // 4, vocab=32000, num_key_value_heads=4
         )
-        return GPT2LMHeadModel(config).eval()
-    config = LlamaConfig(
-        num_hidden_layers=layers,
-        hidden_size=hidden,
-        num_attention_heads=16,
-        num_key_value_heads=4,
-        intermediate_size=hidden * 11 // 4,
-        vocab_size=32000,
-        max_position_embeddings=max_len,
-        use_cache=False,
-        attn_implementation="eager",
-    )
-    return LlamaForCausalLM(config).eval()
+    return model.eval()
 
 
 def timer(device: str, repeats: int) -> Callable[[Callable], float]:

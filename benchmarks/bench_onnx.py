@@ -4,8 +4,8 @@ and after (same process, same inputs), against onnxruntime's own transformers op
     python benchmarks/bench_onnx.py [--size tiny|base] [--seq 512] [--exporter dynamo|torchscript]
     python benchmarks/bench_onnx.py --optimum bench-out/optimum [--contexts 512 2048]
 
-``tiny`` are the test suite's configs (2 layers, hidden 64, 4 heads), ``base`` the same
-architectures at hidden 768, 12 heads (4 kv heads for Llama), 2 layers. Every model is
+``tiny`` are the test suite's architectures (``tests/tiny_hf.py``) at 2 layers, hidden 64,
+4 heads, ``base`` the same at hidden 768, 12 heads (4 kv heads for Llama). Every model is
 exported with the chosen exporter at opset 18, batch 1, sequence ``--seq`` (ViT: the image
 size giving about that many patches), converted by ``attnopt.frontends.onnx.convert.convert``
 and optimized by ``onnxruntime.transformers.optimizer.optimize_model``; all three graphs are
@@ -26,13 +26,13 @@ import contextlib
 import io
 import json
 import logging
+import sys
 import tempfile
 import warnings
 from pathlib import Path
 
 import onnx
 import torch
-import transformers
 from rich.console import Console
 from rich.table import Table
 
@@ -40,48 +40,33 @@ from attnopt.frontends.onnx import inputs as onnx_inputs
 from attnopt.frontends.onnx import verify as onnx_verify
 from attnopt.frontends.onnx.convert import convert
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/tiny_hf.py builds the models
+from tests import tiny_hf  # noqa: E402
+
 FUSED = {"Attention", "MultiHeadAttention", "GroupQueryAttention", "PackedAttention"}
 #: optimum config model types onnxruntime's optimizer fuses: its type, heads and hidden keys
 ORT_OPTIMUM_TYPES = {"gpt2": ("gpt2", "n_head", "n_embd")}
 ORT_TYPES = {"gpt2": "gpt2", "bert": "bert", "llama_gqa": "gpt2", "t5": "t5", "vit": "vit"}
 
 
-def configs(size: str) -> dict:
-    hidden, heads, kv, inter = (64, 4, 2, 128) if size == "tiny" else (768, 12, 4, 3072)
-    common = {"attn_implementation": "eager"}
-    return {
-        "gpt2": transformers.GPT2Config(
-            n_layer=2, n_embd=hidden, n_head=heads, vocab_size=1000, n_positions=1024,
-            use_cache=False, bos_token_id=0, eos_token_id=0, **common,
-        ),
-        "bert": transformers.BertConfig(
-            num_hidden_layers=2, hidden_size=hidden, num_attention_heads=heads,
-            intermediate_size=inter, vocab_size=1000, max_position_embeddings=1024, **common,
-        ),
-        "llama_gqa": transformers.LlamaConfig(
-            num_hidden_layers=2, hidden_size=hidden, num_attention_heads=heads,
-            num_key_value_heads=kv, intermediate_size=inter, vocab_size=1000,
-            max_position_embeddings=1024, use_cache=False, **common,
-        ),
-        "t5": transformers.T5Config(
-            num_layers=2, num_decoder_layers=2, d_model=hidden, d_kv=hidden // heads,
-            d_ff=inter, num_heads=heads, vocab_size=1000, use_cache=False,
-            decoder_start_token_id=0, **common,
-        ),
-        "vit": transformers.ViTConfig(
-            num_hidden_layers=2, hidden_size=hidden, num_attention_heads=heads,
-            intermediate_size=inter, image_size=176, patch_size=8, **common,
-        ),
-    }  # fmt: skip
-
-
-MODEL_CLASSES = {
-    "gpt2": transformers.GPT2LMHeadModel,
-    "bert": transformers.BertModel,
-    "llama_gqa": transformers.LlamaForCausalLM,
-    "t5": transformers.T5Model,
-    "vit": transformers.ViTModel,
+#: benchmark model -> its architecture in tests/tiny_hf.py and settings beyond the sizes
+MODELS = {
+    "gpt2": ("gpt2", dict(use_cache=False, bos_token_id=0, eos_token_id=0)),
+    "bert": ("bert", {}),
+    "llama_gqa": ("llama", dict(use_cache=False)),
+    "t5": ("t5", dict(use_cache=False, decoder_start_token_id=0)),
+    "vit": ("vit", dict(image_size=176, patch_size=8)),
 }
+
+
+def build(name: str, size: str) -> torch.nn.Module:
+    """``name`` at ``size``: 2 layers, vocabulary 1000, positions up to 1024, random weights."""
+    hidden, heads, kv, ffn = (64, 4, 2, 128) if size == "tiny" else (768, 12, 4, 3072)
+    arch, extra = MODELS[name]
+    if arch == "llama":
+        extra = dict(extra, num_key_value_heads=kv)
+    sizes = dict(hidden=hidden, heads=heads, ffn=ffn, vocab=1000, positions=1024)
+    return tiny_hf.model(arch, **sizes, **extra)
 
 
 class Positional(torch.nn.Module):
@@ -208,7 +193,7 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=512)
     parser.add_argument("--exporter", choices=["dynamo", "torchscript"], default="dynamo")
     parser.add_argument("--seconds", type=float, default=10.0, help="timing budget per model")
-    parser.add_argument("--models", nargs="*", default=list(MODEL_CLASSES))
+    parser.add_argument("--models", nargs="*", default=list(MODELS))
     args = parser.parse_args()
     warnings.simplefilter("ignore")
     logging.disable(logging.WARNING)
@@ -228,9 +213,9 @@ def main() -> None:
         table.add_column(column)
     work = Path(tempfile.mkdtemp(prefix="bench_onnx_"))
     for name in args.models:
-        config = configs(args.size)[name]
-        path = work / f"{name}.onnx"
-        export(name, MODEL_CLASSES[name](config), args.seq, path, args.exporter == "dynamo")
+        model = build(name, args.size)
+        config, path = model.config, work / f"{name}.onnx"
+        export(name, model, args.seq, path, args.exporter == "dynamo")
         dims = {"batch": 1, "seq": args.seq, "d": args.seq}
         have = onnx_inputs.input_dims(onnx.load(str(path), load_external_data=False))
         report = convert(path, work / f"{name}.attnopt.onnx", dims={k: dims[k] for k in have})

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import attnopt
+from tests import tiny_hf
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
@@ -15,16 +16,7 @@ PREFIX = 20
 
 def _model():
     torch.manual_seed(0)
-    config = transformers.GPT2Config(
-        n_layer=2,
-        n_head=4,
-        n_embd=64,
-        vocab_size=128,
-        n_positions=128,
-        bos_token_id=0,
-        eos_token_id=0,
-    )
-    base = transformers.GPT2LMHeadModel(config).eval()
+    base = tiny_hf.model("gpt2", positions=128, attn=None, bos_token_id=0, eos_token_id=0).eval()
     tuning = peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=PREFIX)
     return peft.get_peft_model(base, tuning).eval()
 

@@ -12,6 +12,7 @@ from torch import nn
 
 from attnopt.codegen.signature import KernelSignature
 from attnopt.report import GraphReport, Report
+from tests import tiny_hf
 from tests.forms import FORMS
 
 SAMPLE = [
@@ -99,17 +100,7 @@ transformers = pytest.importorskip("transformers")
 
 
 def small_llama() -> nn.Module:
-    config = transformers.LlamaConfig(
-        num_hidden_layers=2,
-        hidden_size=32,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=64,
-        vocab_size=64,
-        max_position_embeddings=32,
-        attn_implementation="eager",
-    )
-    return transformers.LlamaForCausalLM(config)
+    return tiny_hf.model("llama", hidden=32, vocab=64, positions=32, num_key_value_heads=2)
 
 
 def test_hf_model_forward_with_cache_output() -> None:

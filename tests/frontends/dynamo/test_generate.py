@@ -8,67 +8,35 @@ import pytest
 import torch
 
 import attnopt
+from tests import tiny_hf
 
 transformers = pytest.importorskip("transformers")
 
 VOCAB, PROMPT, NEW = 96, 6, 5
 
 
-def _causal(name: str, **extra):
-    common = dict(
-        num_hidden_layers=2,
-        hidden_size=32,
-        num_attention_heads=4,
-        intermediate_size=64,
-        vocab_size=VOCAB,
-        max_position_embeddings=64,
-    )
-    config_cls, model_cls = {
-        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
-        "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
-        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
-    }[name]
-    return model_cls(config_cls(**common, **extra)).eval()
+def _tiny(arch: str, attn: str | None = None, **knobs):
+    return tiny_hf.model(arch, hidden=32, vocab=VOCAB, attn=attn, **knobs).eval()
 
 
 def gpt2():
-    config = transformers.GPT2Config(
-        n_layer=2,
-        n_embd=32,
-        n_head=4,
-        vocab_size=VOCAB,
-        n_positions=64,
-        attn_implementation="eager",
-    )
-    return transformers.GPT2LMHeadModel(config).eval()
+    return _tiny("gpt2", attn="eager")
 
 
 def llama_gqa():
-    return _causal("llama", num_key_value_heads=2)
+    return _tiny("llama", num_key_value_heads=2)
 
 
 def mistral_window():  # the window (4) is shorter than the context (PROMPT + NEW)
-    return _causal("mistral", num_key_value_heads=2, sliding_window=4, attn_implementation="eager")
+    return _tiny("mistral", num_key_value_heads=2, sliding_window=4, attn="eager")
 
 
 def qwen2():
-    return _causal("qwen2", num_key_value_heads=1)
+    return _tiny("qwen2", num_key_value_heads=1)
 
 
 def bart():
-    config = transformers.BartConfig(
-        encoder_layers=2,
-        decoder_layers=2,
-        d_model=32,
-        encoder_attention_heads=4,
-        decoder_attention_heads=4,
-        encoder_ffn_dim=64,
-        decoder_ffn_dim=64,
-        vocab_size=VOCAB,
-        max_position_embeddings=64,
-        forced_eos_token_id=None,
-    )
-    return transformers.BartForConditionalGeneration(config).eval()
+    return _tiny("bart", forced_eos_token_id=None)
 
 
 MODELS = {"gpt2": gpt2, "llama_gqa": llama_gqa, "mistral_window": mistral_window, "qwen2": qwen2}
