@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import attnopt
+from attnopt.errors import AttnoptError
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
@@ -51,3 +52,25 @@ def test_peft_prefix_found_and_rewritten_within_budget():
     with torch.no_grad():
         out, ref = opt(**held).logits, model(**held).logits
     assert 0 < float((out - ref).abs().mean() / ref.abs().mean()) < report.budget["rel_l1"]
+
+
+def test_peft_prefix_through_dynamo_keeps_forward_and_generate():
+    """With a cache (``use_cache`` default, ``generate()``) the model goes through Dynamo, where
+    the prefix reaches each site as a cache input: the sites are rewritten exactly (not as
+    prefix_ntk, which needs the input-independent prefix of an exported graph), the prefix
+    keys included, and the tokens stay those of the un-optimized peft model."""
+    model = _model()
+    ids = _batch(0)["input_ids"]
+    opt = attnopt.optimize(model, {"input_ids": ids})
+    report = opt.attnopt_report
+    assert report.capture == "dynamo"
+    first = report.graphs[0].sites
+    assert len(first) == 2 and all(s.status == "rewritten" for s in first)
+    assert all(f"m={PREFIX + ids.shape[1]}" in s.signature for s in first)  # prefix + input
+    with torch.no_grad():
+        torch.testing.assert_close(opt(input_ids=ids).logits, model(input_ids=ids).logits)
+    greedy = {"max_new_tokens": 4, "do_sample": False, "pad_token_id": 0}
+    expected = model.generate(input_ids=ids, **greedy)
+    torch.testing.assert_close(opt.generate(input_ids=ids, **greedy), expected, rtol=0, atol=0)
+    with pytest.raises(AttnoptError, match="Dynamo"):
+        attnopt.optimize(model, {"input_ids": ids}, variants=("prefix_ntk",))
