@@ -188,3 +188,12 @@ def test_a_prefix_of_module_state_is_found_and_replaced(buffer) -> None:
         torch.compile(_CacheJoin(), backend="attnopt", options=options)(torch.randn(2, 4, 5, 8))
     (site,) = report.sites
     assert "prefix" not in site.signature and site.status == "rewritten"
+
+
+def test_approximate_variants_need_the_eager_inner_backend() -> None:
+    from tests.prefix_forms import PrefixAttention, inputs
+
+    options = {"attnopt_inner": "aot_eager", "attnopt_variants": ("prefix_ntk",)}
+    fn = torch.compile(PrefixAttention(prefix=8).eval(), backend="attnopt", options=options)
+    with pytest.raises(Exception, match="only the eager inner backend"):
+        fn(*inputs(2, 4))
