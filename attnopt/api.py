@@ -39,7 +39,7 @@ from attnopt.rewriter.canonicalize import canonicalize
 from attnopt.rewriter.detect import Detection, detect
 from attnopt.rewriter.graph import GraphView
 from attnopt.targets import Target, resolve
-from attnopt.validate import compare_outputs, max_error, tolerance_for
+from attnopt.validate import ErrorSums, compare_outputs, max_error, tolerance_for, violations
 
 #: How ``optimize`` captures the model: ``auto`` picks export or Dynamo (see ``optimize``).
 CAPTURES = ("auto", "export", "dynamo")
@@ -222,12 +222,13 @@ def optimize(
         search or bool(knobs) or isinstance(tolerance, dict) or any(p.approximate for p in passes)
     )
     if capture == "dynamo" or why is not None:
-        if budgeted:
+        if search or knobs or (budgeted and inner != "eager"):
             raise AttnoptError(
-                "approximate variants, error budgets and search are validated on one exported "
-                f"graph, and this model goes through Dynamo ({why or 'capture=dynamo'}); use "
-                "variants=('exact',), or capture='export' on a call without caches (for a "
-                "Hugging Face model: use_cache=False)"
+                "search and knobs are validated on one exported graph, and approximate variants "
+                f"through Dynamo need inner='eager'; this model goes through Dynamo "
+                f"({why or 'capture=dynamo'}): use variants=('exact',), inner='eager', or "
+                "capture='export' on a call without caches (for a Hugging Face model: "
+                "use_cache=False)"
             )
         report = Report(
             model=type(model).__name__,
@@ -256,7 +257,10 @@ def optimize(
             sig = site_report.kernel_signature
             _configure_kernel(site_report, sig, resolved, tune, storage, trials)
         lap("tune" if tune else "configs")
-        _validate_model(optimized, report, comparable(result), comparable(reference), tolerance)
+        if budgeted:
+            _check_model_budget(optimized, model, report, inputs, calibration, tolerance)
+        else:
+            _validate_model(optimized, report, comparable(result), comparable(reference), tolerance)
         lap("validate")
         timings["total"] = time.perf_counter() - start
         report.seconds = timings
@@ -353,6 +357,33 @@ def _validate_model(
             site_report.reason = (
                 f"model output error {report.output_error:.2e} above {model_tol:.0e}"
             )
+
+
+def _check_model_budget(
+    optimized: nn.Module,
+    model: nn.Module,
+    report: Report,
+    inputs: Inputs,
+    calibration: Iterable | None,
+    tolerance: Any,
+) -> None:
+    """Approximate variants through Dynamo: no single graph to probe site by site, so the model
+    output (caches left out) on the calibration batches must fit the model budget, or every
+    site runs the original ops again. Each graph's sites were fitted on its first call."""
+    from attnopt.budget import Budget, calibration_inputs
+
+    budget = Budget.of(tolerance)
+    sums = ErrorSums()
+    with torch.no_grad():
+        for batch in calibration_inputs(calibration, inputs):
+            out = optimized(*batch.args, **batch.kwargs)
+            sums.add_outputs(out, model(*batch.args, **batch.kwargs))
+    report.model_metrics, report.budget = sums.metrics(), budget.as_dict()
+    broken = violations(report.model_metrics, budget.model)
+    if broken and report.rewritten:
+        uncompile(optimized)
+        for site_report in report.rewritten:
+            site_report.status, site_report.reason = "restored", "model " + ", ".join(broken)
 
 
 def _optimize_budgeted(

@@ -5,6 +5,10 @@ with an input-independent prefix has that prefix replaced (``Z, z`` fitted to it
 call, as the ``prefix_ntk`` pass does); any other site gets ``Z = z = 0``, so the model computes
 what it did until they are trained. Every other parameter is frozen; ``Z, z`` appear in
 ``named_parameters`` (``graph_module.attnopt_site_<i>.Z``) for the user's optimiser.
+
+The prefix terms reach the output scaled by ``e^{-max(lse, 0)}`` (the input keys' softmax mass),
+so ``Z, z`` have to grow large: with Adam, a learning rate near 3e-2, not the 1e-3 of weights
+(``examples/prefix_ntk_finetune.py``).
 """
 
 from __future__ import annotations

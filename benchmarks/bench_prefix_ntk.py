@@ -1,6 +1,6 @@
 """prefix_ntk against exact attention over the concatenated keys as the prefix grows.
 
-    python benchmarks/bench_prefix_ntk.py                              # CPU, prefix 1k..16k
+    python benchmarks/bench_prefix_ntk.py --threads 1                  # CPU, prefix 1k..64k
     python benchmarks/bench_prefix_ntk.py --prefixes 1024 4096 65536 --device cuda
 
 For each prefix length ``p``: ``n`` queries attend to ``[P_K; K]`` (``p`` prefix tokens plus
@@ -88,7 +88,7 @@ def module_only(args, device: torch.device) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--prefixes", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384])
+    parser.add_argument("--prefixes", type=int, nargs="+", default=[1024 << i for i in range(7)])
     parser.add_argument("--n", type=int, default=512, help="queries (and input keys)")
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--d", type=int, default=64)

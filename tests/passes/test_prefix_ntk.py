@@ -122,3 +122,14 @@ def test_a_mask_hiding_the_prefix_is_an_error():
     keep[0, 0, 1, 2] = False
     with pytest.raises(AttnoptError, match="hides prefix tokens"):
         module(q, k, k, keep)
+
+
+def test_the_fit_reads_the_prefix_in_chunks_alike():
+    gen = torch.Generator().manual_seed(2)
+    q, pk, pv = torch.randn(2, 2, 8, 16, generator=gen), *torch.randn(2, 2, 37, 16, generator=gen)
+    fq, lse = ref.feature_map(q), torch.randn(2, 2, 8, generator=gen)
+    start = ref.prefix_state(ref.feature_map(pk[None])[0], pv)
+    whole = ref.fit_prefix_state(q, fq, pk, pv, lse, start, scale=0.25)
+    chunked = ref.fit_prefix_state(q, fq, pk, pv, lse, start, scale=0.25, chunk=5)
+    for a, b in zip(whole, chunked, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)

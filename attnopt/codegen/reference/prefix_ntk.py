@@ -89,6 +89,7 @@ def fit_prefix_state(
     *,
     scale: float,
     ridge: float = 1e-4,
+    chunk: int = 4096,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``Z, z`` by ridge least squares so that ``φ(q)ᵀ[Z | z]`` matches the prefix's terms
     ``Σ_p e^{s q·k_p} [v_p | 1]`` on the calibration queries ``q``.
@@ -96,14 +97,22 @@ def fit_prefix_state(
     Each query's row is divided by its whole softmax denominator (prefix and the input keys,
     whose log-sum-exp is ``lse`` ``(B, H, N)``), so the fit weighs errors as they reach the
     output; the ridge pulls toward ``start`` (``prefix_state``). ``pk``/``pv``: ``(Hkv, P, ·)``.
-    Solved in fp64 per head."""
+    Solved in fp64 per head; the prefix is read in chunks of ``chunk`` tokens (two passes), so
+    memory stays ``O(B·H·N·chunk)`` however long it is."""
     heads = q.shape[1]
     pk, pv = query_heads(pk[None], heads)[0].double(), query_heads(pv[None], heads)[0].double()
-    scores = (q.double() @ pk.transpose(-2, -1)[None]) * scale  # (B, H, N, P)
-    lse_prefix = scores.logsumexp(dim=-1)
+    qd = q.double()
+
+    def scores(start: int) -> torch.Tensor:  # (B, H, N, chunk)
+        return (qd @ pk[:, start : start + chunk].transpose(-2, -1)[None]) * scale
+
+    starts = range(0, pk.shape[1], chunk)
+    lse_prefix = torch.stack([scores(i).logsumexp(dim=-1) for i in starts]).logsumexp(dim=0)
     log_total = torch.logaddexp(lse.double(), lse_prefix)
-    weights = torch.exp(scores - log_total[..., None])
-    targets = torch.cat([weights @ pv[None], torch.exp(lse_prefix - log_total)[..., None]], -1)
+    mixed = sum(
+        torch.exp(scores(i) - log_total[..., None]) @ pv[None, :, i : i + chunk] for i in starts
+    )
+    targets = torch.cat([mixed, torch.exp(lse_prefix - log_total)[..., None]], -1)
     x = fq.double() * torch.exp(-log_total)[..., None]
     x = x.transpose(0, 1).reshape(heads, -1, x.shape[-1])  # (H, B·N, D')
     y = targets.transpose(0, 1).reshape(heads, -1, targets.shape[-1])

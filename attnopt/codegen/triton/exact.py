@@ -206,10 +206,17 @@ def _fwd_kernel(
     Mask,
     Out,
     Lse,
+    FQ,
+    PZ,
+    Pz,
     stride_qb,
     stride_qh,
     stride_qn,
     stride_qd,
+    stride_fb,
+    stride_fh,
+    stride_fn,
+    stride_fd,
     stride_kb,
     stride_kh,
     stride_kn,
@@ -239,8 +246,13 @@ def _fwd_kernel(
     MASK_IS_BOOL: tl.constexpr,
     EXP_UNIT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    HAS_PREFIX: tl.constexpr,
+    DF: tl.constexpr,
+    BLOCK_F: tl.constexpr,
 ):
-    """One program per (query tile, head, batch): ``out`` and natural-log ``lse`` of its rows."""
+    """One program per (query tile, head, batch): ``out`` and natural-log ``lse`` of its rows
+    (``lse`` over the keys only). ``HAS_PREFIX``: the prefix terms ``φ(q)ᵀZ``, ``φ(q)ᵀz`` of
+    prefix_ntk join numerator and denominator before the division (``_prefix_epilogue``)."""
     start_m = tl.program_id(0) * BLOCK_M
     h = tl.program_id(1)
     heads = tl.num_programs(1)
@@ -301,9 +313,53 @@ def _fwd_kernel(
     row = (b * heads + h) * n_q
     tl.store(Lse + row + offs_m, lse, mask=offs_m < n_q)
     offs_dv = tl.arange(0, BLOCK_DV)
+    if HAS_PREFIX:
+        fq_ptr = FQ + b * stride_fb + h * stride_fh
+        out = _prefix_epilogue(
+            acc, l_i, m_i * (LN2 * EXP_UNIT), fq_ptr, PZ + h * DF * DV, Pz + h * DF, offs_m,
+            offs_dv, stride_fn, stride_fd, n_q, DF, DV, BLOCK_F, DOT_PRECISION,
+        )  # fmt: skip
+    else:
+        out = acc / l_safe[:, None]
     out_ptrs = Out + (row + offs_m[:, None]) * DV + offs_dv[None, :]
     inside = (offs_m[:, None] < n_q) & (offs_dv[None, :] < DV)
-    tl.store(out_ptrs, (acc / l_safe[:, None]).to(Out.dtype.element_ty), mask=inside)
+    tl.store(out_ptrs, out.to(Out.dtype.element_ty), mask=inside)
+
+
+@triton.jit
+def _prefix_epilogue(
+    acc,
+    l_i,
+    c,
+    fq_ptr,
+    z_mat_ptr,
+    z_vec_ptr,
+    offs_m,
+    offs_dv,
+    stride_fn,
+    stride_fd,
+    n_q,
+    DF: tl.constexpr,
+    DV: tl.constexpr,
+    BLOCK_F: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """prefix_ntk's epilogue (ALGORITHMS.md §5): ``(acc·e^{c−c'} + e^{−c'}·φᵀZ) / (ℓ·e^{c−c'}
+    + e^{−c'}·max(φᵀz, 0))`` with ``c`` the row max (natural units) and ``c' = max(c, 0)``, so
+    no exponent is positive; a row with no visible key (``c = −inf``) reads the prefix alone.
+    ``Z`` ``(DF, DV)`` and ``z`` ``(DF,)`` are this head's, fp32 and contiguous."""
+    offs_f = tl.arange(0, BLOCK_F)
+    fq = _load_tile(fq_ptr, offs_m, offs_f, stride_fn, stride_fd, n_q, DF, True)
+    z_mat = _load_tile(z_mat_ptr, offs_f, offs_dv, DV, 1, DF, DV, True)
+    z_vec = tl.load(z_vec_ptr + offs_f, mask=offs_f < DF, other=0.0)
+    numerator = tl.dot(fq, z_mat, input_precision=DOT_PRECISION)
+    mass = tl.maximum(tl.sum(fq * z_vec[None, :], 1), 0.0)
+    shift = tl.maximum(c, 0.0)
+    inside = tl.exp(c - shift)  # 0 where c = -inf
+    outside = tl.exp(-shift)
+    numerator = acc * inside[:, None] + numerator * outside[:, None]
+    denominator = tl.maximum(l_i * inside + mass * outside, 1.1754943508222875e-38)
+    return numerator / denominator[:, None]
 
 
 # ----------------------------------------------------------------------------- backward
@@ -951,6 +1007,23 @@ def _mask_args(mask: torch.Tensor | None, q: torch.Tensor) -> tuple:
     return (q, 0, 0, 0, 0) if mask is None else (mask, *mask.stride())
 
 
+def _prefix_args(q, v, prefix) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``φ(q)`` (fp32, any strides), ``Z``, ``z`` (fp32, contiguous) of a prefix; without one, q
+    stands in for all three (``HAS_PREFIX`` compiles their reads out)."""
+    if prefix is None:
+        return q, q, q
+    fq, z_mat, z_vec = prefix
+    heads, dim = q.shape[1], fq.shape[-1]
+    if fq.shape != (*q.shape[:3], dim) or z_mat.shape != (heads, dim, v.shape[-1]):
+        raise KernelError(
+            f"prefix terms φ(q) {tuple(fq.shape)}, Z {tuple(z_mat.shape)} do not fit q "
+            f"{tuple(q.shape)}, v {tuple(v.shape)}: want (B, H, N, D') and (H, D', Dv)"
+        )
+    if z_vec.shape != (heads, dim) or dim > MAX_HEAD_DIM:
+        raise KernelError(f"z {tuple(z_vec.shape)} must be (H, D') = ({heads}, {dim}), D' <= 256")
+    return fq.float(), z_mat.float().contiguous(), z_vec.float().contiguous()
+
+
 def forward(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -962,10 +1035,13 @@ def forward(
     window: int = 0,
     fill: float = float("-inf"),
     config: Config | None = None,
+    prefix: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(out, lse)`` as ``reference.exact_attention`` computes them; ``config`` (the tuner's)
-    overrides the installed or default one."""
+    overrides the installed or default one. ``prefix``: ``(φ(q), Z, z)`` of prefix_ntk
+    (``codegen/reference/prefix_ntk.py``), added in the epilogue; ``lse`` stays the keys'."""
     mask = _checked_mask(q, k, v, mask)
+    fq, z_mat, z_vec = _prefix_args(q, v, prefix)
     batch, heads, n_q, _ = q.shape
     out = q.new_empty(batch, heads, n_q, v.shape[-1])
     lse = q.new_empty(batch, heads, n_q, dtype=torch.float32)
@@ -980,11 +1056,18 @@ def forward(
         mask_ptr,
         out,
         lse,
+        fq,
+        z_mat,
+        z_vec,
         *q.stride(),
+        *fq.stride(),
         *k.stride(),
         *v.stride(),
         *mask_strides,
         **_shared_args(q, k, v, mask, scale, causal, window, fill),
+        HAS_PREFIX=prefix is not None,
+        DF=fq.shape[-1],
+        BLOCK_F=_pow2(fq.shape[-1]),
         BLOCK_M=config["BLOCK_M"],
         BLOCK_N=config["BLOCK_N"],
         num_warps=config["num_warps"],

@@ -1,13 +1,12 @@
-"""Prefix-NTK attention on the Triton exact kernel: its ``(out, lse)`` over the input keys, then
-the prefix terms (``codegen/eager/prefix_ntk.combine``). Same contract as
-``codegen/reference/prefix_ntk.py``. The combination runs as torch ops after the kernel (one
-more pass over the ``(B, H, N, Dv)`` output), not inside the kernel's epilogue."""
+"""Prefix-NTK attention on the Triton exact kernel: exact attention over the input keys with the
+prefix terms ``φ(q)ᵀZ``, ``φ(q)ᵀz`` added to numerator and denominator in the kernel's epilogue,
+before its one division (no second pass over the output). Same contract as
+``codegen/reference/prefix_ntk.py``."""
 
 from __future__ import annotations
 
 import torch
 
-from attnopt.codegen.eager.prefix_ntk import combine
 from attnopt.codegen.triton import exact as triton_exact
 
 
@@ -24,5 +23,8 @@ def prefix_ntk_attention(
     causal: bool = False,
     fill: float = float("-inf"),
 ) -> torch.Tensor:
-    out, lse = triton_exact.forward(q, k, v, mask, scale=scale, causal=causal, fill=fill)
-    return combine(out, lse, fq.float(), Z, z).to(q.dtype)
+    prefix = (fq, Z, z)
+    out, _ = triton_exact.forward(
+        q, k, v, mask, scale=scale, causal=causal, fill=fill, prefix=prefix
+    )
+    return out

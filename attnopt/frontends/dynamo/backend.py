@@ -19,7 +19,7 @@ from torch import fx
 from attnopt.errors import AttnoptError
 from attnopt.frontends.fx.graph import graph_view
 from attnopt.frontends.fx.rewrite import finish, splice
-from attnopt.passes.plan import plan
+from attnopt.passes.plan import check_variants, plan
 from attnopt.report import GraphReport, NearMissReport, Report, SiteReport
 from attnopt.rewriter.canonicalize import canonicalize
 from attnopt.rewriter.detect import detect
@@ -144,6 +144,13 @@ def attnopt_backend(
     target = options.pop("attnopt_target", "auto")
     report = options.pop("attnopt_report", None) or _SHARED_REPORT
     configure = options.pop("attnopt_configure", None)
+    approximate = [p.name for p in check_variants(variants) if p.approximate]
+    if approximate and inner != "eager":
+        raise AttnoptError(
+            f"approximate variants {approximate} splice site modules with their own weights, "
+            "which only the eager inner backend runs: pass "
+            "options={'attnopt_inner': 'eager', 'attnopt_variants': ...}"
+        )
     compile_inner = _inner(inner, options, mode)
     graph = rewrite_graph(gm, report, variants, target)
     if configure is not None:  # e.g. install the tuned configs of this graph's sites

@@ -106,6 +106,7 @@ class _Builder:
     def __init__(self, gm: fx.GraphModule, shapes_hold: bool) -> None:
         self.gm = gm
         self.view = GraphView(shapes_hold)
+        self.state = module_state(gm)
 
     # -- helpers used by converters ----------------------------------------------------------
     def arg(self, node: fx.Node, index: int, name: str, default: Any = None) -> Any:
@@ -156,7 +157,9 @@ class _Builder:
         for node in self.gm.graph.nodes:
             name = source_op(node, self.gm)
             converter = _CONVERTERS.get(name)
-            if node.op == "placeholder":
+            if node.op == "placeholder" and node in self.state:
+                self.emit(node, "param", [], value=_lifted(node))
+            elif node.op == "placeholder":
                 self.emit(node, "input", [])
             elif node.op == "get_attr":
                 self.emit(node, "param", [], value=getattr_path(self.gm, str(node.target)))
@@ -167,6 +170,42 @@ class _Builder:
             else:
                 self.emit(node, "opaque", list(node.all_input_nodes), name=name)
         return self.view
+
+
+def _lifted(node: fx.Node) -> Any:
+    """The tensor behind a Dynamo placeholder; None elsewhere."""
+    arg = node.meta.get("grapharg")
+    return getattr(arg, "example", None) if arg is not None else None
+
+
+def module_state(gm: fx.GraphModule) -> set[fx.Node]:
+    """Dynamo placeholders that hold a module's own tensors (parameters, buffers, tensor
+    attributes such as peft's ``prompt_tokens``), reached through the module rather than passed
+    to ``forward``, and not written in place by the graph (a cache kept on the module is): a
+    prefix computed from them alone is input-independent."""
+    state = set()
+    for node in gm.graph.find_nodes(op="placeholder"):
+        source = getattr(node.meta.get("grapharg"), "source", None)
+        chain = []
+        while source is not None:
+            chain.append(type(source).__name__)
+            source = getattr(source, "base", None)
+        if any("NNModule" in name or "ParamBuffer" in name for name in chain):
+            state.add(node)
+    for node in gm.graph.nodes:
+        if _in_place(node):
+            cur = node.args[0] if node.args else None
+            while isinstance(cur, fx.Node):
+                state.discard(cur)
+                cur = cur.args[0] if cur.args else None
+    return state
+
+
+def _in_place(node: fx.Node) -> bool:
+    if node.op not in ("call_method", "call_function"):
+        return False
+    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+    return name == "setitem" or (name.endswith("_") and not name.endswith("__"))
 
 
 def getattr_path(module: nn.Module, path: str) -> Any:

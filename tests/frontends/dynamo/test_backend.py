@@ -139,3 +139,52 @@ def test_graph_kind_from_site_signatures() -> None:
     assert GraphReport.kind_of([sig(12, 12)]) == "prefill"
     assert GraphReport.kind_of([sig(64, 128)]) == "prefill"  # a chunk of a long prompt
     assert GraphReport.kind_of([]) == "other"
+
+
+class _CacheJoin(nn.Module):
+    """Keys and values joined after a buffer the call writes in place: module state, but not
+    input-independent (a cache), so no prefix."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("past", torch.zeros(2, 4, 3, 8))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.past.add_(1.0)
+        k = torch.cat([self.past, x], dim=2)
+        return torch.softmax(x @ k.transpose(-2, -1) * 0.35, dim=-1) @ k
+
+
+@pytest.mark.parametrize("buffer", [False, True])
+def test_a_prefix_of_module_state_is_found_and_replaced(buffer) -> None:
+    """Dynamo passes parameters and buffers to its graph as inputs; reached through the module
+    and never written, they are a prefix (prefix_ntk applies), unlike a cache the call writes."""
+    from tests.prefix_forms import PrefixAttention, inputs
+
+    model = PrefixAttention(prefix=32, buffer=buffer).eval()
+    report = Report(model="prefix", capture="dynamo", dynamic=True)
+    options = {"attnopt_inner": "eager", "attnopt_report": report}
+    options["attnopt_variants"] = ("prefix_ntk",)
+    fn = torch.compile(model, backend="attnopt", options=options)
+    with torch.no_grad():
+        fn(*inputs(2, 16))  # fits Z, z
+        out, ref = fn(*inputs(2, 16, seed=5)), model(*inputs(2, 16, seed=5))
+    (site,) = report.sites
+    assert "prefix=32" in site.signature and site.variant == "prefix_ntk"
+    assert 0 < float((out - ref).abs().mean() / ref.abs().mean()) < 0.5
+
+    report = Report(model="cache", capture="dynamo", dynamic=True)
+    options = {"attnopt_inner": "eager", "attnopt_report": report}
+    with torch.no_grad():
+        torch.compile(_CacheJoin(), backend="attnopt", options=options)(torch.randn(2, 4, 5, 8))
+    (site,) = report.sites
+    assert "prefix" not in site.signature and site.status == "rewritten"
+
+
+def test_approximate_variants_need_the_eager_inner_backend() -> None:
+    from tests.prefix_forms import PrefixAttention, inputs
+
+    options = {"attnopt_inner": "aot_eager", "attnopt_variants": ("prefix_ntk",)}
+    fn = torch.compile(PrefixAttention(prefix=8).eval(), backend="attnopt", options=options)
+    with pytest.raises(Exception, match="only the eager inner backend"):
+        fn(*inputs(2, 4))
