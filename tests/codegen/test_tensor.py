@@ -72,14 +72,16 @@ def test_fused_matches_naive(causal, window, sizes):
     n, m1, m2 = sizes
     args = inputs(n=n, m1=m1, m2=m2)
     expected = ref.tensor_attention(*args, scale=0.5, causal=causal, window=window)
-    fused = eager.tensor_attention(*args, scale=0.5, causal=causal, window=window, block=4)
+    fused = eager.tensor_attention(
+        *args, scale=0.5, causal=causal, window=window, block_q=4, block_k=3
+    )
     assert rel(fused, expected) < 1e-5
 
 
 def test_fused_keeps_large_scores_finite():
     args = inputs(spread=30.0)
     expected = ref.tensor_attention(*args, scale=1.0, causal=True)
-    fused = eager.tensor_attention(*args, scale=1.0, causal=True, block=4)
+    fused = eager.tensor_attention(*args, scale=1.0, causal=True, block_q=4, block_k=3)
     assert torch.isfinite(fused).all()
     assert rel(fused, expected) < 1e-5
 
