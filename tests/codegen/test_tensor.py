@@ -86,6 +86,72 @@ def test_fused_keeps_large_scores_finite():
     assert rel(fused, expected) < 1e-5
 
 
+@pytest.mark.parametrize(
+    ("causal", "window", "sizes"),
+    [
+        (False, 0, (17, 19, 23)),
+        (True, 0, (9, 6, 6)),  # n > m: the first rows see no key and give 0
+        (True, 5, (19, 23, 23)),  # bottom-right aligned window
+        (False, 4, (15, 15, 15)),
+    ],
+)
+def test_fused_default_key_blocks_from_the_tile_bound(causal, window, sizes):
+    n, m1, m2 = sizes
+    args = inputs(n=n, m1=m1, m2=m2)
+    expected = ref.tensor_attention(*args, scale=0.5, causal=causal, window=window)
+    fused = eager.tensor_attention(
+        *args, scale=0.5, causal=causal, window=window, block_q=5, tile_elems=300
+    )
+    assert torch.isfinite(fused).all()
+    assert rel(fused, expected) < 1e-5
+
+
+def test_fused_redoes_a_tile_whose_scores_pass_the_first_tiles_max():
+    """The first key1 block's scores are small and later ones up to hundreds above them: the
+    shift taken from the first block would overflow ``exp`` unless the tile is redone."""
+    q, k1, k2, v1, v2 = inputs(n=8, m1=12, m2=8)
+    k1 = torch.cat([k1[..., :3, :] * 0.01, k1[..., 3:, :] * 20.0], dim=-2)
+    args = (q, k1, k2 * 3.0, v1, v2)
+    scores = torch.einsum("bhid,bhjd,bhld->bhijl", q, args[1], args[2])
+    assert scores[..., 3:, :].amax() - scores[..., :3, :].amax() > 100
+    expected = ref.tensor_attention(*args, scale=1.0)
+    fused = eager.tensor_attention(*args, scale=1.0, block_q=4, block_k=3)
+    assert torch.isfinite(fused).all()
+    assert rel(fused, expected) < 1e-5
+
+
+def test_fused_never_builds_more_than_a_tile():
+    """Counted, not timed: no op of the fused form returns more elements than ``tile_elems`` or
+    the ``n × m`` causal mask (the naive form's scores alone have ``B·H·n·m²``)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Largest(TorchDispatchMode):
+        numel = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            result = func(*args, **(kwargs or {}))
+            for t in result if isinstance(result, (tuple, list)) else [result]:
+                if isinstance(t, torch.Tensor):
+                    Largest.numel = max(Largest.numel, t.numel())
+            return result
+
+    args = inputs(n=24, m1=24, m2=24)
+    with Largest():
+        eager.tensor_attention(*args, scale=0.5, causal=True, tile_elems=1024)
+    assert 24 * 24 < Largest.numel <= 1024 < 2 * 24**3
+
+
+def test_fused_gradients_match_the_naive_einsum():
+    args = inputs(n=9, m1=9, m2=9)
+    grads = []
+    for fn, kw in ((ref.tensor_attention, {}), (eager.tensor_attention, {"block_q": 4})):
+        leaves = [t.clone().requires_grad_() for t in args]
+        fn(*leaves, scale=0.5, causal=True, window=4, **kw).square().sum().backward()
+        grads.append([t.grad for t in leaves])
+    for expected, fused in zip(*grads, strict=True):
+        assert rel(fused, expected) < 1e-5
+
+
 @pytest.mark.parametrize(("causal", "window"), [(False, 0), (True, 0), (True, 4)])
 def test_polynomial_error_falls_with_degree(causal, window):
     args = inputs(n=16, m1=16, m2=16, spread=0.1)

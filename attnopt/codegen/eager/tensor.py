@@ -82,45 +82,89 @@ def tensor_attention(
     bh = math.prod(lead)
     qf = q.float().reshape(bh, n, -1) * scale
     k1f = k1.float().reshape(bh, m1, -1)
-    k2t = k2.float().reshape(bh, m2, -1).transpose(-2, -1)
+    # a row of ones under K2ᵀ: the pairs' last column, -shift, subtracts the shift in the GEMM
+    k2e = torch.cat([k2.float().reshape(bh, m2, -1), qf.new_ones(bh, m2, 1)], -1).transpose(-2, -1)
     # the ones columns make the last output column the softmax denominator
     v1e = torch.cat([v1.float().reshape(bh, m1, dv), qf.new_ones(bh, m1, 1)], dim=-1)
     v2e = torch.cat([v2.float().reshape(bh, m2, dv), qf.new_ones(bh, m2, 1)], dim=-1)
-    masked = causal or window > 0
-    keep1 = structural_keep(n, m1, causal, window, q.device) if masked else None
-    keep2 = structural_keep(n, m2, causal, window, q.device) if masked else None
+    keys = (k1f, k2e, v1e, v2e)
+    masks = None
+    if causal or window > 0:
+        masks = tuple(structural_keep(n, m, causal, window, q.device) for m in (m1, m2))
     out = qf.new_zeros(bh, n, dv)
     for rows in _blocks(0, n, block_q):
-        bq = rows[1] - rows[0]
         lo2, hi2 = _visible(n, m2, rows, causal, window)
         lo1, hi1 = _visible(n, m1, rows, causal, window)
         if hi2 <= lo2 or hi1 <= lo1:
             continue  # no pair visible: these rows stay 0
-        span2 = hi2 - lo2
-        b1 = block_k or max(1, tile_elems // (bh * bq * span2))
-        k2b, v2b = k2t[..., lo2:hi2], v2e[:, lo2:hi2]
-        sub2 = keep2[rows[0] : rows[1], lo2:hi2] if masked else None
-        edges2 = _edges(sub2) if masked else (0, span2)
-        qb = qf[:, rows[0] : rows[1]]
-        run_max = qf.new_full((bh, bq), float("-inf"))
-        acc = qf.new_zeros(bh, bq, dv + 1)
-        for c0, c1 in _blocks(lo1, hi1, b1):
-            pairs = (qb[:, :, None, :] * k1f[:, None, c0:c1, :]).reshape(bh, -1, qf.shape[-1])
-            scores = (pairs @ k2b).view(bh, bq, c1 - c0, span2)
-            if masked:
-                _mask_edges(scores, sub2, edges2)
-                sub1 = keep1[rows[0] : rows[1], c0:c1]
-                if not bool(sub1.all()):
-                    scores.masked_fill_(~sub1[:, :, None], float("-inf"))
-            # the shift only keeps exp in range; the result does not depend on it
-            tile_max = scores.detach().view(bh, bq, -1).amax(dim=-1)
-            new_max = torch.maximum(run_max, tile_max)
-            safe = torch.where(torch.isinf(new_max), torch.zeros_like(new_max), new_max)
-            probs = scores.sub_(safe[..., None, None]).exp_()
-            weighted = (probs.view(bh, -1, span2) @ v2b).view(bh, bq, c1 - c0, dv + 1)
-            tile = torch.einsum("bqjd,bjd->bqd", weighted, v1e[:, c0:c1])
-            acc = acc * torch.exp(run_max - safe)[..., None] + tile
-            run_max = new_max
-        denom = acc[..., -1:].clamp_min(torch.finfo(torch.float32).tiny)
-        out[:, rows[0] : rows[1]] = acc[..., :-1] / denom
+        b1 = block_k or max(1, tile_elems // (bh * (rows[1] - rows[0]) * (hi2 - lo2)))
+        block = _QueryBlock(qf[:, rows[0] : rows[1]], keys, rows, (lo2, hi2), masks)
+        for cols1 in _blocks(lo1, hi1, b1):
+            block.add(cols1)
+        out[:, rows[0] : rows[1]] = block.result()
     return out.reshape(*lead, n, dv).to(q.dtype)
+
+
+class _QueryBlock:
+    """The online softmax of one query block over key1 blocks. The shift that keeps ``exp`` in
+    range is the running max (exact for the first tile, taken by ``amax``); later tiles subtract
+    it inside the scores GEMM and skip the max pass, and a tile whose sums leave range (scores
+    far above the shift) is redone with its exact max. The result does not depend on the shift,
+    so it is detached."""
+
+    def __init__(self, qb, keys, rows, span2, masks) -> None:
+        self.qb, (self.k1, k2e, self.v1, v2e), self.rows = qb, keys, rows
+        self.k2, self.v2 = k2e[..., span2[0] : span2[1]], v2e[:, span2[0] : span2[1]]
+        self.keep1 = self.keep2 = None
+        if masks is not None:
+            self.keep1 = masks[0][rows[0] : rows[1]]
+            self.keep2 = masks[1][rows[0] : rows[1], span2[0] : span2[1]]
+            self.edges2 = _edges(self.keep2)
+        bh, bq = qb.shape[0], qb.shape[1]
+        self.shift = qb.new_full((bh, bq), float("-inf"))
+        self.acc = qb.new_zeros(bh, bq, self.v1.shape[-1])
+
+    def add(self, cols1: tuple[int, int]) -> None:
+        old = self.shift
+        exact = not bool(torch.isfinite(old).all())
+        tile, shift = self._tile(cols1, None if exact else old)
+        if not exact and not _in_range(tile):
+            tile, shift = self._tile(cols1, None)
+        self.acc = self.acc * torch.exp(old - shift)[..., None] + tile
+        self.shift = shift
+
+    def _tile(self, cols1, shift):
+        """``Σ_{j,l} exp(s_ijl − shift_i)(v1_j ∘ v2_l)`` and its sum over one key1 block; with
+        ``shift=None`` the shift is the larger of the running one and the tile's max."""
+        c0, c1 = cols1
+        bh, bq, d = self.qb.shape
+        pairs = (self.qb[:, :, None, :] * self.k1[:, None, c0:c1, :]).reshape(bh, bq, c1 - c0, d)
+        column = self.qb.new_zeros(bh, bq, c1 - c0) if shift is None else -shift[..., None]
+        if self.keep1 is not None:
+            dropped = ~self.keep1[:, c0:c1]
+            if bool(dropped.any()):
+                column = column.masked_fill(dropped, _DROP)
+        pairs = torch.cat([pairs, column.expand(bh, bq, c1 - c0)[..., None]], dim=-1)
+        scores = (pairs.view(bh, -1, d + 1) @ self.k2).view(bh, bq, c1 - c0, -1)
+        if self.keep2 is not None:
+            _mask_edges(scores, self.keep2, self.edges2)
+        if shift is None:
+            tile_max = scores.detach().view(bh, bq, -1).amax(dim=-1)
+            shift = torch.maximum(self.shift, tile_max)
+            shift = torch.where(torch.isinf(shift), torch.zeros_like(shift), shift)
+            scores = scores.sub_(shift[..., None, None])
+        probs = scores.exp_().view(bh, bq * (c1 - c0), -1)
+        weighted = (probs @ self.v2).view(bh, bq, c1 - c0, -1)
+        return torch.einsum("bqjd,bjd->bqd", weighted, self.v1[:, c0:c1]), shift
+
+    def result(self) -> torch.Tensor:
+        denom = self.acc[..., -1:].clamp_min(torch.finfo(torch.float32).tiny)
+        return self.acc[..., :-1] / denom
+
+
+_DROP = -1e30  # a dropped key1's shift column: exp underflows to 0 with no inf in the GEMM
+_LIMIT = 2.0**64  # a tile sum above this means scores far above the shift: redo it exactly
+
+
+def _in_range(tile: torch.Tensor) -> bool:
+    return bool(torch.isfinite(tile).all()) and bool((tile[..., -1] <= _LIMIT).all())
