@@ -81,7 +81,7 @@ def tensor_attention(
     n, m1, m2, dv = q.shape[-2], k1.shape[-2], k2.shape[-2], v1.shape[-1]
     bh = math.prod(lead)
     qf = q.float().reshape(bh, n, -1) * scale
-    k1f = k1.float().reshape(bh, m1, -1)
+    k1f = torch.cat([k1.float().reshape(bh, m1, -1), qf.new_ones(bh, m1, 1)], dim=-1)
     # a row of ones under K2ᵀ: the pairs' last column, -shift, subtracts the shift in the GEMM
     k2e = torch.cat([k2.float().reshape(bh, m2, -1), qf.new_ones(bh, m2, 1)], -1).transpose(-2, -1)
     # the ones columns make the last output column the softmax denominator
@@ -138,18 +138,19 @@ class _QueryBlock:
         ``shift=None`` the shift is the larger of the running one and the tile's max."""
         c0, c1 = cols1
         bh, bq, d = self.qb.shape
-        pairs = (self.qb[:, :, None, :] * self.k1[:, None, c0:c1, :]).reshape(bh, bq, c1 - c0, d)
-        column = self.qb.new_zeros(bh, bq, c1 - c0) if shift is None else -shift[..., None]
+        # q ∘ k1 with a last column -shift (q's last column times k1's column of ones)
+        column = self.qb.new_zeros(bh, bq, 1) if shift is None else -shift[..., None]
+        pairs = torch.cat([self.qb, column], -1)[:, :, None, :] * self.k1[:, None, c0:c1, :]
         if self.keep1 is not None:
             dropped = ~self.keep1[:, c0:c1]
             if bool(dropped.any()):
-                column = column.masked_fill(dropped, _DROP)
-        pairs = torch.cat([pairs, column.expand(bh, bq, c1 - c0)[..., None]], dim=-1)
+                pairs[..., -1].masked_fill_(dropped, _DROP)
         scores = (pairs.view(bh, -1, d + 1) @ self.k2).view(bh, bq, c1 - c0, -1)
         if self.keep2 is not None:
             _mask_edges(scores, self.keep2, self.edges2)
         if shift is None:
             tile_max = scores.detach().view(bh, bq, -1).amax(dim=-1)
+            tile_max = tile_max.masked_fill(tile_max <= _DROP / 2, float("-inf"))
             shift = torch.maximum(self.shift, tile_max)
             shift = torch.where(torch.isinf(shift), torch.zeros_like(shift), shift)
             scores = scores.sub_(shift[..., None, None])
