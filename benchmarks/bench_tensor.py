@@ -12,10 +12,11 @@ in a process of its own on CPU, so its peak memory is the growth of that process
 resident set over its baseline after the inputs exist; on CUDA, ``torch.cuda.max_memory_allocated``
 over the inputs. Time: median of ``--repeats`` runs after one warm-up. The naive form is skipped
 where its scores alone would pass ``--naive-limit-gib`` (the table says how much it would need).
-Work per call: ``B·H·n·m²·(2·D + 2·Dv)`` FLOPs (written out in ``flops``). The title gives the
-load average before and after (the CPU may be shared) and ``OMP_WAIT_POLICY``: with more
-runnable threads than cores, libgomp's default spinning wait makes every parallel region of the
-fused form's loop wait for a time slice (``OMP_WAIT_POLICY=PASSIVE`` avoids it).
+Work per call: ``B·H·n·m²·(2·D + 2·Dv)`` FLOPs, a third of it when causal (``flops``).
+The title gives the load average before and after (the CPU may be shared) and
+``OMP_WAIT_POLICY``: with more runnable threads than cores, libgomp's default spinning wait
+makes every parallel region of the fused form's loop wait for a time slice
+(``OMP_WAIT_POLICY=PASSIVE`` avoids it).
 """
 
 from __future__ import annotations
@@ -39,8 +40,10 @@ from attnopt.codegen.reference.tensor import tensor_attention as naive
 from attnopt.codegen.tensor_ops import tensor_forward
 
 
-def flops(batch: int, heads: int, n: int, d: int) -> float:
-    return float(batch) * heads * n * n * n * (2 * d + 2 * d)
+def flops(batch: int, heads: int, n: int, d: int, causal: bool = False) -> float:
+    """Pairs visited (all ``n³``, or ``Σ_i i²`` when causal) times ``2·D + 2·Dv``."""
+    pairs = n * (n + 1) * (2 * n + 1) / 6 if causal else float(n) ** 3
+    return float(batch) * heads * pairs * (2 * d + 2 * d)
 
 
 def _inputs(args, n: int) -> list[torch.Tensor]:
@@ -162,7 +165,7 @@ def main() -> None:
         table.add_column(col, justify="right")
     for n, scores_gib, rows in results:
         fused = rows["fused"]
-        gflops = flops(args.batch, args.heads, n, args.d) / fused["seconds"] / 1e9
+        gflops = flops(args.batch, args.heads, n, args.d, args.causal) / fused["seconds"] / 1e9
         if "naive" in rows:
             nv = rows["naive"]
             cells = [_ms(nv), _ms(fused), f"{nv['seconds'] / fused['seconds']:.2f}", _mib(nv)]
