@@ -6,8 +6,11 @@ GEMM, ``(Qb ⊙ K1b)`` flattened to ``(bq·b1, D)`` times ``K2ᵀ``, and the pai
 more, ``P @ [V2, 1]`` (the ones column carries the denominator), then ``⊙ [V1, 1]`` summed over
 the key1 block. The online softmax of exact attention runs over key1 blocks, so only one
 ``bq × b1 × M2`` tile of scores lives at a time (``tile_elems`` bounds it: a few MiB that stay in
-cache), never the ``N × M1 × M2`` tensor. ``b1`` is derived from the tile bound, so each tile is
-a handful of large ops: few enough that a loaded machine's thread barriers do not dominate.
+cache), never the ``N × M1 × M2`` tensor; ``b1`` is derived from that bound. Per tile: one
+product, the two GEMMs, one ``exp`` (the running max is subtracted inside the first GEMM) and a
+small reduction. Each is one intra-op parallel region: with more runnable threads than cores,
+libgomp's default spinning wait makes every region wait for a time slice, so on an
+oversubscribed CPU run it with one thread or ``OMP_WAIT_POLICY=PASSIVE``.
 Key1 / key2 ranges that the causal / window flags exclude for a whole query block are skipped
 (a window ``w`` costs ``O(N·w²·D)``); only the tile edges that some rows of the block see and
 others do not are masked.
