@@ -3,6 +3,7 @@
     python benchmarks/bench_tensor.py                          # CPU, n = 64 … 1024, fp32
     python benchmarks/bench_tensor.py --n 64 128 256 --causal --threads 2
     python benchmarks/bench_tensor.py --n 128 256 --poly 2     # + the polynomial form, its error
+    python benchmarks/bench_tensor.py --n 256 512 1024 --causal --window 64
     python benchmarks/bench_tensor.py --device cuda --n 256 512 1024 2048
 
 ``naive`` is ``codegen/reference/tensor.py`` (the ``(B, H, n, m, m)`` scores built), ``fused``
@@ -12,7 +13,7 @@ in a process of its own on CPU, so its peak memory is the growth of that process
 resident set over its baseline after the inputs exist; on CUDA, ``torch.cuda.max_memory_allocated``
 over the inputs. Time: median of ``--repeats`` runs after one warm-up. The naive form is skipped
 where its scores alone would pass ``--naive-limit-gib`` (the table says how much it would need).
-Work per call: ``B·H·n·m²·(2·D + 2·Dv)`` FLOPs, a third of it when causal (``flops``).
+Work per call: ``B·H·n·m²·(2·D + 2·Dv)`` FLOPs, fewer when causal or windowed (``flops``).
 The title gives the load average before and after (the CPU may be shared) and
 ``OMP_WAIT_POLICY``: with more runnable threads than cores, libgomp's default spinning wait
 makes every parallel region of the fused form's loop wait for a time slice
@@ -35,15 +36,16 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from attnopt.codegen.reference.exact import structural_keep
 from attnopt.codegen.reference.tensor import polynomial_tensor_attention
 from attnopt.codegen.reference.tensor import tensor_attention as naive
 from attnopt.codegen.tensor_ops import tensor_forward
 
 
-def flops(batch: int, heads: int, n: int, d: int, causal: bool = False) -> float:
-    """Pairs visited (all ``n³``, or ``Σ_i i²`` when causal) times ``2·D + 2·Dv``."""
-    pairs = n * (n + 1) * (2 * n + 1) / 6 if causal else float(n) ** 3
-    return float(batch) * heads * pairs * (2 * d + 2 * d)
+def flops(batch: int, heads: int, n: int, d: int, causal: bool = False, window: int = 0) -> float:
+    """Pairs visited (``Σ_i c_i²`` for ``c_i`` keys kept for query ``i``) times ``2·D + 2·Dv``."""
+    kept = structural_keep(n, n, causal, window, torch.device("cpu")).sum(dim=1).double()
+    return float(batch) * heads * kept.square().sum().item() * (2 * d + 2 * d)
 
 
 def _inputs(args, n: int) -> list[torch.Tensor]:
@@ -53,7 +55,7 @@ def _inputs(args, n: int) -> list[torch.Tensor]:
 
 
 def _run(impl: str, args, inputs: list[torch.Tensor]) -> torch.Tensor:
-    kw = {"scale": args.d**-0.5, "causal": args.causal}
+    kw = {"scale": args.d**-0.5, "causal": args.causal, "window": args.window}
     if impl == "poly":
         return polynomial_tensor_attention(*inputs, degree=args.poly, **kw)
     return (naive if impl == "naive" else tensor_forward)(*inputs, **kw)
@@ -106,7 +108,7 @@ def _common(args) -> list[str]:
     flags = ["--batch", str(args.batch), "--heads", str(args.heads), "--d", str(args.d)]
     flags += ["--repeats", str(args.repeats), "--threads", str(args.threads)]
     flags += ["--device", args.device, "--poly", str(args.poly)]
-    return flags + (["--causal"] if args.causal else [])
+    return flags + ["--window", str(args.window)] + (["--causal"] if args.causal else [])
 
 
 def _load() -> str:
@@ -128,6 +130,7 @@ def main() -> None:
     parser.add_argument("--heads", type=int, default=2)
     parser.add_argument("--d", type=int, default=16)
     parser.add_argument("--causal", action="store_true")
+    parser.add_argument("--window", type=int, default=0, help="windowed pairs (with --causal)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
@@ -151,7 +154,7 @@ def main() -> None:
         if args.poly:
             rows["poly"] = _measure("poly", args, n)
         results.append((n, scores_gib, rows))
-    kind = "causal" if args.causal else "full"
+    kind = ("causal" if args.causal else "full") + (f" window {args.window}" if args.window else "")
     table = Table(
         title=f"tensor attention, {args.device}, fp32, B={args.batch} H={args.heads} "
         f"D={args.d} {kind}, {args.threads} thread(s), load {load_before} -> {_load()}, "
@@ -165,7 +168,11 @@ def main() -> None:
         table.add_column(col, justify="right")
     for n, scores_gib, rows in results:
         fused = rows["fused"]
-        gflops = flops(args.batch, args.heads, n, args.d, args.causal) / fused["seconds"] / 1e9
+        gflops = (
+            flops(args.batch, args.heads, n, args.d, args.causal, args.window)
+            / fused["seconds"]
+            / 1e9
+        )
         if "naive" in rows:
             nv = rows["naive"]
             cells = [_ms(nv), _ms(fused), f"{nv['seconds'] / fused['seconds']:.2f}", _mib(nv)]

@@ -120,6 +120,17 @@ def test_fused_redoes_a_tile_whose_scores_pass_the_first_tiles_max():
     assert rel(fused, expected) < 1e-5
 
 
+def test_fused_rows_whose_first_key_block_is_masked_keep_very_negative_scores():
+    """Every score is hundreds below 0 and, with a window, some rows see no key of their block's
+    first key1 tile: their shift must come from their own pairs, not a default of 0."""
+    q, k1, k2, v1, v2 = inputs(n=12, m1=12, m2=12)
+    args = (q.abs() * 40, k1.abs() * 6, -k2.abs() * 6, v1, v2)
+    expected = ref.tensor_attention(*args, scale=1.0, causal=True, window=3)
+    assert torch.einsum("bhid,bhjd,bhld->bhijl", *args[:3]).amax() < -100
+    fused = eager.tensor_attention(*args, scale=1.0, causal=True, window=3, block_q=4, block_k=2)
+    assert rel(fused, expected) < 1e-5
+
+
 def test_fused_never_builds_more_than_a_tile():
     """Counted, not timed: no op of the fused form returns more elements than ``tile_elems`` or
     the ``n × m`` causal mask (the naive form's scores alone have ``B·H·n·m²``)."""

@@ -133,12 +133,14 @@ class _QueryBlock:
         tile, shift = self._tile(cols1, None if exact else old)
         if not exact and not _in_range(tile):
             tile, shift = self._tile(cols1, None)
-        self.acc = self.acc * torch.exp(old - shift)[..., None] + tile
+        # rows with nothing kept so far (shift -inf) drop what they summed: only floored entries
+        self.acc = self.acc * torch.exp(old - _finite(shift))[..., None] + tile
         self.shift = shift
 
     def _tile(self, cols1, shift):
         """``Σ_{j,l} exp(s_ijl − shift_i)(v1_j ∘ v2_l)`` and its sum over one key1 block; with
-        ``shift=None`` the shift is the larger of the running one and the tile's max."""
+        ``shift=None`` the shift is the larger of the running one and the tile's max (``-inf``
+        for rows with no pair kept yet)."""
         c0, c1 = cols1
         bh, bq, d = self.qb.shape
         # q ∘ k1 with a last column -shift (q's last column times k1's column of ones)
@@ -155,18 +157,28 @@ class _QueryBlock:
             tile_max = scores.detach().view(bh, bq, -1).amax(dim=-1)
             tile_max = tile_max.masked_fill(tile_max <= _DROP / 2, float("-inf"))
             shift = torch.maximum(self.shift, tile_max)
-            shift = torch.where(torch.isinf(shift), torch.zeros_like(shift), shift)
-            scores = scores.sub_(shift[..., None, None])
-        probs = scores.exp_().view(bh, bq * (c1 - c0), -1)
+            scores = scores.sub_(_finite(shift)[..., None, None])
+        probs = scores.clamp_min_(_FLOOR).exp_().view(bh, bq * (c1 - c0), -1)
         weighted = (probs @ self.v2).view(bh, bq, c1 - c0, -1)
         return torch.einsum("bqjd,bjd->bqd", weighted, self.v1[:, c0:c1]), shift
 
     def result(self) -> torch.Tensor:
+        """``acc / denominator``; 0 for rows with no pair kept."""
         denom = self.acc[..., -1:].clamp_min(torch.finfo(torch.float32).tiny)
-        return self.acc[..., :-1] / denom
+        none_kept = torch.isinf(self.shift)[..., None]
+        return (self.acc[..., :-1] / denom).masked_fill(none_kept, 0.0)
+
+
+def _finite(shift: torch.Tensor) -> torch.Tensor:
+    return torch.where(torch.isinf(shift), torch.zeros_like(shift), shift)
 
 
 _DROP = -1e30  # a dropped key1's shift column: exp underflows to 0 with no inf in the GEMM
+# exp's fast vector path covers inputs above about -87.3 only; below it (the masked -inf, the
+# dropped key1, scores far under the row max) it is 10-300x slower, and products of values with
+# weights near 1e-38 are denormal, slow in the GEMM. Flooring at -60 adds at most e^-60 ≈ 1e-26
+# per pair to a denominator of at least 1 (its max pair): nothing at fp32 precision.
+_FLOOR = -60.0
 _LIMIT = 2.0**64  # a tile sum above this means scores far above the shift: redo it exactly
 
 
