@@ -79,7 +79,8 @@ def tensor_attention(
     tile_elems: int = TILE_ELEMS,
 ) -> torch.Tensor:
     """Fused exact tensor attention: GEMM tiles, online softmax over key1 blocks (fp32 inside).
-    ``block_k`` fixes the key1 block (tests); by default it fills ``tile_elems``."""
+    ``block_k`` fixes the key1 block (tests); by default it fills ``tile_elems``. A tile stays
+    within ``tile_elems`` unless ``block_q`` rows of one head against all keys exceed it."""
     lead = q.shape[:-2]
     n, m1, m2, dv = q.shape[-2], k1.shape[-2], k2.shape[-2], v1.shape[-1]
     bh = math.prod(lead)
@@ -95,16 +96,22 @@ def tensor_attention(
     if causal or window > 0:
         masks = tuple(structural_keep(n, m, causal, window, q.device) for m in (m1, m2))
     out = qf.new_zeros(bh, n, dv)
-    for rows in _blocks(0, n, block_q):
-        lo2, hi2 = _visible(n, m2, rows, causal, window)
-        lo1, hi1 = _visible(n, m1, rows, causal, window)
-        if hi2 <= lo2 or hi1 <= lo1:
-            continue  # no pair visible: these rows stay 0
-        b1 = block_k or max(1, tile_elems // (bh * (rows[1] - rows[0]) * (hi2 - lo2)))
-        block = _QueryBlock(qf[:, rows[0] : rows[1]], keys, rows, (lo2, hi2), masks)
-        for cols1 in _blocks(lo1, hi1, b1):
-            block.add(cols1)
-        out[:, rows[0] : rows[1]] = block.result()
+    # batch·heads in groups small enough that a one-key1 tile still fits the bound
+    group = max(1, tile_elems // (min(block_q, max(n, 1)) * max(m2, 1)))
+    for g0, g1 in _blocks(0, bh, group):
+        group_keys = tuple(t[g0:g1] for t in keys)
+        for rows in _blocks(0, n, block_q):
+            lo2, hi2 = _visible(n, m2, rows, causal, window)
+            lo1, hi1 = _visible(n, m1, rows, causal, window)
+            if hi2 <= lo2 or hi1 <= lo1:
+                continue  # no pair visible: these rows stay 0
+            tile_rows = (g1 - g0) * (rows[1] - rows[0]) * (hi2 - lo2)
+            b1 = block_k or max(1, tile_elems // tile_rows)
+            qb = qf[g0:g1, rows[0] : rows[1]]
+            block = _QueryBlock(qb, group_keys, rows, (lo2, hi2), masks)
+            for cols1 in _blocks(lo1, hi1, b1):
+                block.add(cols1)
+            out[g0:g1, rows[0] : rows[1]] = block.result()
     return out.reshape(*lead, n, dv).to(q.dtype)
 
 
