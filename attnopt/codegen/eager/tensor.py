@@ -25,7 +25,7 @@ import torch
 from attnopt.codegen.reference.exact import key_range, structural_keep
 
 BLOCK_Q = 16
-TILE_ELEMS = 1 << 19  # fp32 scores per tile, over all batch·heads: 2 MiB, an L2's worth
+TILE_ELEMS = 1 << 19  # fp32 scores per tile, over its batch·heads: 2 MiB, an L2's worth
 
 
 def _blocks(lo: int, hi: int, block: int) -> list[tuple[int, int]]:
@@ -123,7 +123,7 @@ class _QueryBlock:
     so it is detached."""
 
     def __init__(self, qb, keys, rows, span2, masks) -> None:
-        self.qb, (self.k1, k2e, self.v1, v2e), self.rows = qb, keys, rows
+        self.qb, (self.k1, k2e, self.v1, v2e) = qb, keys
         self.k2, self.v2 = k2e[..., span2[0] : span2[1]], v2e[:, span2[0] : span2[1]]
         self.keep1 = self.keep2 = None
         if masks is not None:
