@@ -132,8 +132,8 @@ def test_fused_rows_whose_first_key_block_is_masked_keep_very_negative_scores():
 
 
 def test_fused_never_builds_more_than_a_tile():
-    """Counted, not timed: no op of the fused form returns more elements than ``tile_elems``
-    (the naive form's scores alone have ``B·H·n·m²``)."""
+    """Counted, not timed: no op of the fused form, forward or backward, returns more elements
+    than ``tile_elems`` (the naive form's scores alone have ``B·H·n·m²``)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class Largest(TorchDispatchMode):
@@ -148,21 +148,47 @@ def test_fused_never_builds_more_than_a_tile():
 
     # 12 batch·heads × 16 query rows × 24 keys pass the bound: they go in groups of 5
     args = inputs(b=3, h=4, n=24, m1=24, m2=24)
-    with Largest():
-        out = eager.tensor_attention(*args, scale=0.5, causal=True, tile_elems=2048)
+    leaves = [t.clone().requires_grad_() for t in args]
+    with Largest():  # the backward too: it recomputes the tiles
+        out = eager.tensor_attention(*leaves, scale=0.5, causal=True, tile_elems=2048)
+        out.sum().backward()
     values_with_ones = 12 * 24 * (5 + 1)  # the largest input-sized copy
     assert values_with_ones < Largest.numel <= 2048 < 12 * 24**3
     assert rel(out, ref.tensor_attention(*args, scale=0.5, causal=True)) < 1e-5
 
 
-def test_fused_gradients_match_the_naive_einsum():
-    args = inputs(n=9, m1=9, m2=9)
+def test_fused_training_saves_no_tiles_for_backward():
+    """What autograd keeps between forward and backward: the inputs, the output and one
+    log-sum-exp per query, not the ``B·H·n·m²`` probabilities of the tiles."""
+    args = [t.requires_grad_() for t in inputs(n=16, m1=16, m2=16)]
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(
+        lambda t: saved.append(t.numel()) or t, lambda t: t
+    ):
+        out = eager.tensor_attention(*args, scale=0.5, causal=True, block_q=4, tile_elems=256)
+    allowed = sum(t.numel() for t in args) + out.numel() + out[..., 0].numel()
+    assert 0 < sum(saved) <= allowed < 2 * 16**3
+
+
+@pytest.mark.parametrize(
+    ("causal", "window", "sizes", "blocks"),
+    [
+        (True, 4, (9, 9, 9), {"block_q": 4}),
+        (False, 0, (10, 7, 11), {"block_q": 3, "tile_elems": 200}),  # groups of batch·heads
+        (True, 0, (9, 6, 6), {"block_q": 4, "block_k": 2}),  # n > m: rows with no pair
+    ],
+)
+def test_fused_gradients_match_the_naive_einsum(causal, window, sizes, blocks):
+    n, m1, m2 = sizes
+    args = inputs(b=2, n=n, m1=m1, m2=m2)
     grads = []
-    for fn, kw in ((ref.tensor_attention, {}), (eager.tensor_attention, {"block_q": 4})):
+    for fn, kw in ((ref.tensor_attention, {}), (eager.tensor_attention, blocks)):
         leaves = [t.clone().requires_grad_() for t in args]
-        fn(*leaves, scale=0.5, causal=True, window=4, **kw).square().sum().backward()
+        out = fn(*leaves, scale=0.5, causal=causal, window=window, **kw)
+        out.square().sum().backward()
         grads.append([t.grad for t in leaves])
     for expected, fused in zip(*grads, strict=True):
+        assert torch.isfinite(fused).all()
         assert rel(fused, expected) < 1e-5
 
 

@@ -80,47 +80,140 @@ def tensor_attention(
 ) -> torch.Tensor:
     """Fused exact tensor attention: GEMM tiles, online softmax over key1 blocks (fp32 inside).
     ``block_k`` fixes the key1 block (tests); by default it fills ``tile_elems``. A tile stays
-    within ``tile_elems`` unless ``block_q`` rows of one head against all keys exceed it."""
-    lead = q.shape[:-2]
-    n, m1, m2, dv = q.shape[-2], k1.shape[-2], k2.shape[-2], v1.shape[-1]
-    bh = math.prod(lead)
-    qf = q.float().reshape(bh, n, -1) * scale
-    k1f = torch.cat([k1.float().reshape(bh, m1, -1), qf.new_ones(bh, m1, 1)], dim=-1)
-    # a row of ones under K2ᵀ: the pairs' last column, -shift, subtracts the shift in the GEMM
-    k2e = torch.cat([k2.float().reshape(bh, m2, -1), qf.new_ones(bh, m2, 1)], -1).transpose(-2, -1)
-    # the ones columns make the last output column the softmax denominator
-    v1e = torch.cat([v1.float().reshape(bh, m1, dv), qf.new_ones(bh, m1, 1)], dim=-1)
-    v2e = torch.cat([v2.float().reshape(bh, m2, dv), qf.new_ones(bh, m2, 1)], dim=-1)
-    keys = (k1f, k2e, v1e, v2e)
-    masks = None
-    if causal or window > 0:
-        masks = tuple(structural_keep(n, m, causal, window, q.device) for m in (m1, m2))
+    within ``tile_elems`` unless ``block_q`` rows of one head against all keys exceed it.
+    With gradients, the backward recomputes the tiles from the saved log-sum-exp (as
+    FlashAttention does), so training holds no ``n × m × m`` tensor either."""
+    sizes = (q.shape[-2], k1.shape[-2], k2.shape[-2])
+    tiling = _Tiling(*sizes, causal, window, (block_q, block_k, tile_elems))
+    args = (q, k1, k2, v1, v2)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in args):
+        return _Fused.apply(scale, tiling, *args)
+    return _forward(_prepare(args, scale), tiling)[0].reshape(*q.shape[:-1], -1).to(q.dtype)
+
+
+class _Tiling:
+    """Sizes and flags shared by the forward and the backward sweep."""
+
+    def __init__(self, n, m1, m2, causal, window, blocks) -> None:
+        self.n, self.m1, self.m2, self.causal, self.window = n, m1, m2, causal, window
+        self.block_q, self.block_k, self.tile_elems = blocks
+
+    def masks(self, device) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if not self.causal and self.window <= 0:
+            return None
+        return tuple(
+            structural_keep(self.n, m, self.causal, self.window, device) for m in (self.m1, self.m2)
+        )
+
+    def sweep(self, bh: int):
+        """``(group, rows, span2, key1 blocks)``: batch·heads in groups small enough that a
+        one-key1 tile still fits the bound, query blocks, and the key ranges each one sees."""
+        n, m2, bq = self.n, self.m2, self.block_q
+        group = max(1, self.tile_elems // (min(bq, max(n, 1)) * max(m2, 1)))
+        for g in _blocks(0, bh, group):
+            for rows in _blocks(0, n, bq):
+                lo2, hi2 = _visible(n, m2, rows, self.causal, self.window)
+                lo1, hi1 = _visible(n, self.m1, rows, self.causal, self.window)
+                if hi2 <= lo2 or hi1 <= lo1:
+                    continue  # no pair visible: these rows stay 0
+                tile_rows = (g[1] - g[0]) * (rows[1] - rows[0]) * (hi2 - lo2)
+                b1 = self.block_k or max(1, self.tile_elems // tile_rows)
+                yield g, rows, (lo2, hi2), _blocks(lo1, hi1, b1)
+
+
+def _prepare(args, scale: float):
+    """fp32, batch·heads flattened; ``q`` scaled; the ones columns that put the shift into the
+    scores GEMM (k1, k2) and the softmax denominator into the last output column (v1, v2)."""
+    q, k1, k2, v1, v2 = args
+    bh = math.prod(q.shape[:-2])
+    qf = q.float().reshape(bh, q.shape[-2], -1) * scale
+
+    def ones(t: torch.Tensor) -> torch.Tensor:
+        flat = t.float().reshape(bh, t.shape[-2], -1)
+        return torch.cat([flat, flat.new_ones(bh, t.shape[-2], 1)], dim=-1)
+
+    return qf, (ones(k1), ones(k2).transpose(-2, -1), ones(v1), ones(v2))
+
+
+def _forward(prepared, tiling: _Tiling) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(out, lse)``: ``(BH, N, Dv)`` and the log-sum-exp per query (``+inf`` with no pair)."""
+    qf, keys = prepared
+    bh, n, dv = qf.shape[0], qf.shape[1], keys[2].shape[-1] - 1
+    masks = tiling.masks(qf.device)
     out = qf.new_zeros(bh, n, dv)
-    # batch·heads in groups small enough that a one-key1 tile still fits the bound
-    group = max(1, tile_elems // (min(block_q, max(n, 1)) * max(m2, 1)))
-    for g0, g1 in _blocks(0, bh, group):
-        group_keys = tuple(t[g0:g1] for t in keys)
-        for rows in _blocks(0, n, block_q):
-            lo2, hi2 = _visible(n, m2, rows, causal, window)
-            lo1, hi1 = _visible(n, m1, rows, causal, window)
-            if hi2 <= lo2 or hi1 <= lo1:
-                continue  # no pair visible: these rows stay 0
-            tile_rows = (g1 - g0) * (rows[1] - rows[0]) * (hi2 - lo2)
-            b1 = block_k or max(1, tile_elems // tile_rows)
-            qb = qf[g0:g1, rows[0] : rows[1]]
-            block = _QueryBlock(qb, group_keys, rows, (lo2, hi2), masks)
-            for cols1 in _blocks(lo1, hi1, b1):
-                block.add(cols1)
-            out[g0:g1, rows[0] : rows[1]] = block.result()
-    return out.reshape(*lead, n, dv).to(q.dtype)
+    lse = qf.new_full((bh, n), float("inf"))
+    for (g0, g1), rows, span2, key1_blocks in tiling.sweep(bh):
+        qb = qf[g0:g1, rows[0] : rows[1]]
+        block = _QueryBlock(qb, tuple(t[g0:g1] for t in keys), rows, span2, masks)
+        for cols1 in key1_blocks:
+            block.add(cols1)
+        out[g0:g1, rows[0] : rows[1]], lse[g0:g1, rows[0] : rows[1]] = block.result()
+    return out, lse
+
+
+class _Fused(torch.autograd.Function):
+    """The fused form with a backward that recomputes each tile's probabilities from the
+    log-sum-exp: ``dS = P ∘ (dP − rowsum(dO ∘ O))`` with ``dP = (dO ∘ V1) @ V2ᵀ``, and every
+    gradient one GEMM or one weighted sum per tile."""
+
+    @staticmethod
+    def forward(ctx, scale, tiling, q, k1, k2, v1, v2):
+        out, lse = _forward(_prepare((q, k1, k2, v1, v2), scale), tiling)
+        ctx.save_for_backward(q, k1, k2, v1, v2, out, lse)
+        ctx.scale, ctx.tiling = scale, tiling
+        return out.reshape(*q.shape[:-1], -1).to(q.dtype)
+
+    @staticmethod
+    def backward(ctx, d_out):
+        *inputs, out, lse = ctx.saved_tensors
+        qf, keys = _prepare(inputs, ctx.scale)
+        grads = _backward(qf, keys, d_out.float().reshape(out.shape), out, lse, ctx.tiling)
+        grads[0] = grads[0] * ctx.scale
+        return (
+            None,
+            None,
+            *(g.reshape(t.shape).to(t.dtype) for g, t in zip(grads, inputs, strict=True)),
+        )
+
+
+def _backward(qf, keys, d_out, out, lse, tiling: _Tiling) -> list[torch.Tensor]:
+    """``[dq/scale, dk1, dk2, dv1, dv2]`` (fp32, flattened), one tile at a time."""
+    k1e, k2e, v1e, v2e = keys
+    k1f, k2f, v1f, v2f = k1e[..., :-1], k2e[:, :-1].transpose(-2, -1), v1e[..., :-1], v2e[..., :-1]
+    grads = [torch.zeros_like(t) for t in (qf, k1f, k2f, v1f, v2f)]
+    dq, dk1, dk2, dv1, dv2 = grads
+    row_dot = (d_out * out).sum(dim=-1)  # Σ_{j,l} P·dP per query
+    safe_lse = lse.masked_fill(torch.isinf(lse), -_DROP)  # rows with no pair: P ≈ 0
+    masks = tiling.masks(qf.device)
+    for (g0, g1), rows, (lo2, hi2), key1_blocks in tiling.sweep(qf.shape[0]):
+        r0, r1, g = rows[0], rows[1], slice(g0, g1)
+        qb, dob = qf[g, r0:r1], d_out[g, r0:r1]
+        block = _QueryBlock(qb, tuple(t[g] for t in keys), rows, (lo2, hi2), masks)
+        k2b, v2b = k2f[g, lo2:hi2], v2f[g, lo2:hi2]
+        for c0, c1 in key1_blocks:
+            probs = block.probs((c0, c1), safe_lse[g, r0:r1])[0]  # (G, bq·b1, span2)
+            k1b, v1b = k1f[g, c0:c1], v1f[g, c0:c1]
+            shape = (g1 - g0, r1 - r0, c1 - c0)
+            pairs = (qb[:, :, None, :] * k1b[:, None]).reshape(g1 - g0, -1, qb.shape[-1])
+            do_v1 = (dob[:, :, None, :] * v1b[:, None]).reshape(g1 - g0, -1, v1b.shape[-1])
+            d_scores = (do_v1 @ v2b.transpose(-2, -1)).view(*shape, -1)
+            d_scores = d_scores.sub_(row_dot[g, r0:r1, None, None]).view_as(probs).mul_(probs)
+            back = (d_scores @ k2b).view(*shape, -1)  # Σ_l dS k2_l per (i, j)
+            dq[g, r0:r1] += (back * k1b[:, None]).sum(dim=2)
+            dk1[g, c0:c1] += (back * qb[:, :, None]).sum(dim=1)
+            dk2[g, lo2:hi2] += d_scores.transpose(-2, -1) @ pairs
+            weighted = (probs @ v2b).view(*shape, -1)  # Σ_l P v2_l per (i, j)
+            dv1[g, c0:c1] += (weighted * dob[:, :, None]).sum(dim=1)
+            dv2[g, lo2:hi2] += probs.transpose(-2, -1) @ do_v1
+    return grads
 
 
 class _QueryBlock:
     """The online softmax of one query block over key1 blocks. The shift that keeps ``exp`` in
     range is the running max (exact for the first tile, taken by ``amax``); later tiles subtract
     it inside the scores GEMM and skip the max pass, and a tile whose sums leave range (scores
-    far above the shift) is redone with its exact max. The result does not depend on the shift,
-    so it is detached."""
+    far above the shift) is redone with its exact max. Runs without autograd (``_Fused`` has its
+    own backward)."""
 
     def __init__(self, qb, keys, rows, span2, masks) -> None:
         self.qb, (self.k1, k2e, self.v1, v2e) = qb, keys
@@ -145,7 +238,15 @@ class _QueryBlock:
         self.shift = shift
 
     def _tile(self, cols1, shift):
-        """``Σ_{j,l} exp(s_ijl − shift_i)(v1_j ∘ v2_l)`` and its sum over one key1 block; with
+        """``Σ_{j,l} exp(s_ijl − shift_i)(v1_j ∘ v2_l)`` and its sum over one key1 block, with
+        the shift (see ``probs``)."""
+        probs, shift = self.probs(cols1, shift)
+        c0, c1 = cols1
+        weighted = (probs @ self.v2).view(*self.qb.shape[:2], c1 - c0, -1)
+        return torch.einsum("bqjd,bjd->bqd", weighted, self.v1[:, c0:c1]), shift
+
+    def probs(self, cols1, shift):
+        """``exp(s_ijl − shift_i)`` over one key1 block as ``(BH, bq·b1, span2)``; with
         ``shift=None`` the shift is the larger of the running one and the tile's max (``-inf``
         for rows with no pair kept yet)."""
         c0, c1 = cols1
@@ -161,19 +262,19 @@ class _QueryBlock:
         if self.keep2 is not None:
             _mask_edges(scores, self.keep2, self.edges2)
         if shift is None:
-            tile_max = scores.detach().view(bh, bq, -1).amax(dim=-1)
+            tile_max = scores.view(bh, bq, -1).amax(dim=-1)
             tile_max = tile_max.masked_fill(tile_max <= _DROP / 2, float("-inf"))
             shift = torch.maximum(self.shift, tile_max)
             scores = scores.sub_(_finite(shift)[..., None, None])
-        probs = scores.clamp_min_(_FLOOR).exp_().view(bh, bq * (c1 - c0), -1)
-        weighted = (probs @ self.v2).view(bh, bq, c1 - c0, -1)
-        return torch.einsum("bqjd,bjd->bqd", weighted, self.v1[:, c0:c1]), shift
+        return scores.clamp_min_(_FLOOR).exp_().view(bh, bq * (c1 - c0), -1), shift
 
-    def result(self) -> torch.Tensor:
-        """``acc / denominator``; 0 for rows with no pair kept."""
+    def result(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``acc / denominator`` (0 for rows with no pair kept) and the log-sum-exp."""
         denom = self.acc[..., -1:].clamp_min(torch.finfo(torch.float32).tiny)
-        none_kept = torch.isinf(self.shift)[..., None]
-        return (self.acc[..., :-1] / denom).masked_fill(none_kept, 0.0)
+        none_kept = torch.isinf(self.shift)
+        out = (self.acc[..., :-1] / denom).masked_fill(none_kept[..., None], 0.0)
+        lse = (self.shift + denom[..., 0].log()).masked_fill(none_kept, float("inf"))
+        return out, lse
 
 
 def _finite(shift: torch.Tensor) -> torch.Tensor:
