@@ -4,6 +4,7 @@
     python benchmarks/bench_tensor.py --n 64 128 256 --causal --threads 2
     python benchmarks/bench_tensor.py --n 128 256 --poly 2     # + the polynomial form, its error
     python benchmarks/bench_tensor.py --n 256 512 1024 --causal --window 64
+    python benchmarks/bench_tensor.py --n 128 256 512 --causal --backward   # training step
     python benchmarks/bench_tensor.py --device cuda --n 256 512 1024 2048
 
 ``naive`` is ``codegen/reference/tensor.py`` (the ``(B, H, n, m, m)`` scores built), ``fused``
@@ -51,14 +52,19 @@ def flops(batch: int, heads: int, n: int, d: int, causal: bool = False, window: 
 def _inputs(args, n: int) -> list[torch.Tensor]:
     gen = torch.Generator().manual_seed(0)
     shape = (args.batch, args.heads, n, args.d)
-    return [(torch.randn(shape, generator=gen) * 0.5).to(args.device) for _ in range(5)]
+    made = [(torch.randn(shape, generator=gen) * 0.5).to(args.device) for _ in range(5)]
+    return [t.requires_grad_(args.backward) for t in made]
 
 
 def _run(impl: str, args, inputs: list[torch.Tensor]) -> torch.Tensor:
     kw = {"scale": args.d**-0.5, "causal": args.causal, "window": args.window}
     if impl == "poly":
-        return polynomial_tensor_attention(*inputs, degree=args.poly, **kw)
-    return (naive if impl == "naive" else tensor_forward)(*inputs, **kw)
+        out = polynomial_tensor_attention(*inputs, degree=args.poly, **kw)
+    else:
+        out = (naive if impl == "naive" else tensor_forward)(*inputs, **kw)
+    if args.backward:
+        out.square().sum().backward()
+    return out.detach()
 
 
 def _sync(device: str) -> None:
@@ -75,7 +81,7 @@ def measure_one(impl: str, args, n: int) -> dict:
         base = torch.cuda.memory_allocated()
     else:
         base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    with torch.no_grad():
+    with torch.set_grad_enabled(args.backward):
         out = _run(impl, args, inputs)
         _sync(args.device)
         if args.device == "cuda":
@@ -108,7 +114,8 @@ def _common(args) -> list[str]:
     flags = ["--batch", str(args.batch), "--heads", str(args.heads), "--d", str(args.d)]
     flags += ["--repeats", str(args.repeats), "--threads", str(args.threads)]
     flags += ["--device", args.device, "--poly", str(args.poly)]
-    return flags + ["--window", str(args.window)] + (["--causal"] if args.causal else [])
+    flags += ["--window", str(args.window)] + (["--causal"] if args.causal else [])
+    return flags + (["--backward"] if args.backward else [])
 
 
 def _load() -> str:
@@ -136,6 +143,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--naive-limit-gib", type=float, default=2.0)
     parser.add_argument("--poly", type=int, default=0, help="also the polynomial of this degree")
+    parser.add_argument("--backward", action="store_true", help="time forward + backward")
     parser.add_argument("--one", choices=("naive", "fused", "poly"), help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -155,6 +163,7 @@ def main() -> None:
             rows["poly"] = _measure("poly", args, n)
         results.append((n, scores_gib, rows))
     kind = ("causal" if args.causal else "full") + (f" window {args.window}" if args.window else "")
+    kind += ", forward + backward" if args.backward else ""
     table = Table(
         title=f"tensor attention, {args.device}, fp32, B={args.batch} H={args.heads} "
         f"D={args.d} {kind}, {args.threads} thread(s), load {load_before} -> {_load()}, "
@@ -182,7 +191,7 @@ def main() -> None:
             skipped = f"skipped: scores alone {scores_gib:.1f} GiB"
             cells = [skipped, _ms(fused), "-", "-", _mib(fused), "-"]
             err = "-"
-        cells += [f"{gflops:.2f}", err]
+        cells += ["-" if args.backward else f"{gflops:.2f}", err]  # forward FLOPs only
         if args.poly:
             poly = rows["poly"]
             rel = (poly["out"] - fused["out"]).norm() / fused["out"].norm()
