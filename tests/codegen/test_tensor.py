@@ -2,6 +2,7 @@
 blocked form against the oracle (fp32 to 1e-5, causal, windowed, odd sizes, blocks smaller
 than the sequence), and the polynomial approximation's error falling with its degree."""
 
+import contextlib
 import math
 
 import pytest
@@ -9,6 +10,16 @@ import torch
 
 from attnopt.codegen.eager import tensor as eager
 from attnopt.codegen.reference import tensor as ref
+
+
+@contextlib.contextmanager
+def intra_op_threads(count: int):
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def rel(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -149,12 +160,32 @@ def test_fused_never_builds_more_than_a_tile():
     # 12 batch·heads × 16 query rows × 24 keys pass the bound: they go in groups of 5
     args = inputs(b=3, h=4, n=24, m1=24, m2=24)
     leaves = [t.clone().requires_grad_() for t in args]
-    with Largest():  # the backward too: it recomputes the tiles
+    # one thread: the dispatch mode sees this thread's ops only; the tiling is the same
+    with intra_op_threads(1), Largest():  # the backward too: it recomputes the tiles
         out = eager.tensor_attention(*leaves, scale=0.5, causal=True, tile_elems=2048)
         out.sum().backward()
     values_with_ones = 12 * 24 * (5 + 1)  # the largest input-sized copy
     assert values_with_ones < Largest.numel <= 2048 < 12 * 24**3
     assert rel(out, ref.tensor_attention(*args, scale=0.5, causal=True)) < 1e-5
+
+
+def test_fused_query_blocks_in_worker_threads_match_one_thread():
+    """With several intra-op threads the query blocks go to that many Python threads (one
+    intra-op thread each): forward and gradients as on one thread, and the caller's thread
+    count is left as it was."""
+    args = inputs(b=2, n=19, m1=17, m2=19)
+    results = []
+    for count in (1, 3):
+        leaves = [t.clone().requires_grad_() for t in args]
+        with intra_op_threads(count):
+            out = eager.tensor_attention(*leaves, scale=0.5, causal=True, window=6, block_q=4)
+            out.square().sum().backward()
+            assert torch.get_num_threads() == count
+        results.append([out.detach()] + [t.grad for t in leaves])
+    expected = ref.tensor_attention(*args, scale=0.5, causal=True, window=6)
+    assert rel(results[1][0], expected) < 1e-5
+    for one, three in zip(*results, strict=True):
+        assert rel(three, one) < 1e-6
 
 
 def test_fused_training_saves_no_tiles_for_backward():

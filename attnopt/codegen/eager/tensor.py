@@ -8,9 +8,10 @@ the key1 block. The online softmax of exact attention runs over key1 blocks, so 
 ``bq × b1 × M2`` tile of scores lives at a time (``tile_elems`` bounds it: a few MiB that stay in
 cache), never the ``N × M1 × M2`` tensor; ``b1`` is derived from that bound. Per tile: one
 product, the two GEMMs, one ``exp`` (the running max is subtracted inside the first GEMM) and a
-small reduction. Each is one intra-op parallel region: with more runnable threads than cores,
-libgomp's default spinning wait makes every region wait for a time slice, so on an
-oversubscribed CPU run it with one thread or ``OMP_WAIT_POLICY=PASSIVE``.
+small reduction. With several intra-op threads the query blocks are split among that many
+Python threads running one intra-op thread each (``_in_workers``), not each op across threads:
+a loop of mid-sized ops pays a fork and join per op, which on a shared CPU under libgomp's
+spinning wait costs a time slice each (10-50x slower than one thread, measured).
 Key1 / key2 ranges that the causal / window flags exclude for a whole query block are skipped
 (a window ``w`` costs ``O(N·w²·D)``); only the tile edges that some rows of the block see and
 others do not are masked.
@@ -19,6 +20,7 @@ others do not are masked.
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -142,13 +144,40 @@ def _forward(prepared, tiling: _Tiling) -> tuple[torch.Tensor, torch.Tensor]:
     masks = tiling.masks(qf.device)
     out = qf.new_zeros(bh, n, dv)
     lse = qf.new_full((bh, n), float("inf"))
-    for (g0, g1), rows, span2, key1_blocks in tiling.sweep(bh):
-        qb = qf[g0:g1, rows[0] : rows[1]]
-        block = _QueryBlock(qb, tuple(t[g0:g1] for t in keys), rows, span2, masks)
-        for cols1 in key1_blocks:
-            block.add(cols1)
-        out[g0:g1, rows[0] : rows[1]], lse[g0:g1, rows[0] : rows[1]] = block.result()
+
+    def work(items) -> None:  # writes disjoint rows of out and lse
+        for (g0, g1), rows, span2, key1_blocks in items:
+            qb = qf[g0:g1, rows[0] : rows[1]]
+            block = _QueryBlock(qb, tuple(t[g0:g1] for t in keys), rows, span2, masks)
+            for cols1 in key1_blocks:
+                block.add(cols1)
+            out[g0:g1, rows[0] : rows[1]], lse[g0:g1, rows[0] : rows[1]] = block.result()
+
+    _in_workers(list(tiling.sweep(bh)), work, qf.device)
     return out, lse
+
+
+def _in_workers(items: list, work, device: torch.device) -> list:
+    """``work`` over the query blocks, split round-robin among ``torch.get_num_threads()``
+    Python threads with one intra-op thread each (CPU): one fork and join per call instead of
+    one per torch op, whose waits dominate when the cores are shared (libgomp's spinning
+    wait). The tiles' torch ops release the GIL."""
+    threads = torch.get_num_threads()
+    workers = min(threads, len(items)) if device.type == "cpu" else 1
+    if workers <= 1:
+        with torch.no_grad():
+            return [work(items)]
+
+    def run(part: list):
+        torch.set_num_threads(1)  # this thread's OpenMP / MKL setting
+        with torch.no_grad():
+            return work(part)
+
+    try:
+        with ThreadPoolExecutor(workers) as pool:
+            return list(pool.map(run, [items[w::workers] for w in range(workers)]))
+    finally:
+        torch.set_num_threads(threads)  # the default that later threads start with
 
 
 class _Fused(torch.autograd.Function):
@@ -180,32 +209,38 @@ def _backward(qf, keys, d_out, out, lse, tiling: _Tiling) -> list[torch.Tensor]:
     """``[dq/scale, dk1, dk2, dv1, dv2]`` (fp32, flattened), one tile at a time."""
     k1e, k2e, v1e, v2e = keys
     k1f, k2f, v1f, v2f = k1e[..., :-1], k2e[:, :-1].transpose(-2, -1), v1e[..., :-1], v2e[..., :-1]
-    grads = [torch.zeros_like(t) for t in (qf, k1f, k2f, v1f, v2f)]
-    dq, dk1, dk2, dv1, dv2 = grads
     row_dot = (d_out * out).sum(dim=-1)  # Σ_{j,l} P·dP per query
     safe_lse = lse.masked_fill(torch.isinf(lse), -_DROP)  # rows with no pair: P ≈ 0
     masks = tiling.masks(qf.device)
-    for (g0, g1), rows, (lo2, hi2), key1_blocks in tiling.sweep(qf.shape[0]):
-        r0, r1, g = rows[0], rows[1], slice(g0, g1)
-        qb, dob = qf[g, r0:r1], d_out[g, r0:r1]
-        block = _QueryBlock(qb, tuple(t[g] for t in keys), rows, (lo2, hi2), masks)
-        k2b, v2b = k2f[g, lo2:hi2], v2f[g, lo2:hi2]
-        for c0, c1 in key1_blocks:
-            probs = block.probs((c0, c1), safe_lse[g, r0:r1])[0]  # (G, bq·b1, span2)
-            k1b, v1b = k1f[g, c0:c1], v1f[g, c0:c1]
-            shape = (g1 - g0, r1 - r0, c1 - c0)
-            pairs = (qb[:, :, None, :] * k1b[:, None]).reshape(g1 - g0, -1, qb.shape[-1])
-            do_v1 = (dob[:, :, None, :] * v1b[:, None]).reshape(g1 - g0, -1, v1b.shape[-1])
-            d_scores = (do_v1 @ v2b.transpose(-2, -1)).view(*shape, -1)
-            d_scores = d_scores.sub_(row_dot[g, r0:r1, None, None]).view_as(probs).mul_(probs)
-            back = (d_scores @ k2b).view(*shape, -1)  # Σ_l dS k2_l per (i, j)
-            dq[g, r0:r1] += (back * k1b[:, None]).sum(dim=2)
-            dk1[g, c0:c1] += (back * qb[:, :, None]).sum(dim=1)
-            dk2[g, lo2:hi2] += d_scores.transpose(-2, -1) @ pairs
-            weighted = (probs @ v2b).view(*shape, -1)  # Σ_l P v2_l per (i, j)
-            dv1[g, c0:c1] += (weighted * dob[:, :, None]).sum(dim=1)
-            dv2[g, lo2:hi2] += probs.transpose(-2, -1) @ do_v1
-    return grads
+
+    def work(items) -> list[torch.Tensor]:  # this worker's share of every gradient
+        grads = [torch.zeros_like(t) for t in (qf, k1f, k2f, v1f, v2f)]
+        dq, dk1, dk2, dv1, dv2 = grads
+        for (g0, g1), rows, (lo2, hi2), key1_blocks in items:
+            r0, r1, g = rows[0], rows[1], slice(g0, g1)
+            qb, dob = qf[g, r0:r1], d_out[g, r0:r1]
+            block = _QueryBlock(qb, tuple(t[g] for t in keys), rows, (lo2, hi2), masks)
+            k2b, v2b = k2f[g, lo2:hi2], v2f[g, lo2:hi2]
+            for c0, c1 in key1_blocks:
+                probs = block.probs((c0, c1), safe_lse[g, r0:r1])[0]  # (G, bq·b1, span2)
+                k1b, v1b = k1f[g, c0:c1], v1f[g, c0:c1]
+                shape = (g1 - g0, r1 - r0, c1 - c0)
+                pairs = (qb[:, :, None, :] * k1b[:, None]).reshape(g1 - g0, -1, qb.shape[-1])
+                do_v1 = (dob[:, :, None, :] * v1b[:, None]).reshape(g1 - g0, -1, v1b.shape[-1])
+                d_scores = (do_v1 @ v2b.transpose(-2, -1)).view(*shape, -1)
+                d_scores = d_scores.sub_(row_dot[g, r0:r1, None, None]).view_as(probs)
+                d_scores = d_scores.mul_(probs)
+                back = (d_scores @ k2b).view(*shape, -1)  # Σ_l dS k2_l per (i, j)
+                dq[g, r0:r1] += (back * k1b[:, None]).sum(dim=2)
+                dk1[g, c0:c1] += (back * qb[:, :, None]).sum(dim=1)
+                dk2[g, lo2:hi2] += d_scores.transpose(-2, -1) @ pairs
+                weighted = (probs @ v2b).view(*shape, -1)  # Σ_l P v2_l per (i, j)
+                dv1[g, c0:c1] += (weighted * dob[:, :, None]).sum(dim=1)
+                dv2[g, lo2:hi2] += probs.transpose(-2, -1) @ do_v1
+        return grads
+
+    shares = _in_workers(list(tiling.sweep(qf.shape[0])), work, qf.device)
+    return [sum(parts[1:], parts[0]) for parts in zip(*shares, strict=True)]
 
 
 class _QueryBlock:
