@@ -17,8 +17,8 @@ where its scores alone would pass ``--naive-limit-gib`` (the table says how much
 Work per call: ``B·H·n·m²·(2·D + 2·Dv)`` FLOPs, fewer when causal or windowed (``flops``).
 The title gives the load average before and after (the CPU may be shared) and
 ``OMP_WAIT_POLICY``: with more runnable threads than cores, libgomp's default spinning wait
-makes every parallel region of the fused form's loop wait for a time slice
-(``OMP_WAIT_POLICY=PASSIVE`` avoids it).
+makes every multi-threaded torch op wait for a time slice, which the naive form's few large ops
+and the fused form's worker threads (one intra-op thread each) mostly avoid.
 """
 
 from __future__ import annotations
