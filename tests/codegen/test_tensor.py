@@ -186,6 +186,9 @@ def test_fused_query_blocks_in_worker_threads_match_one_thread():
     assert rel(results[1][0], expected) < 1e-5
     for one, three in zip(*results, strict=True):
         assert rel(three, one) < 1e-6
+    with intra_op_threads(3), torch.inference_mode():  # the workers write inference tensors
+        out = eager.tensor_attention(*args, scale=0.5, causal=True, window=6, block_q=4)
+    assert rel(out, expected) < 1e-5
 
 
 def test_fused_training_saves_no_tiles_for_backward():

@@ -168,9 +168,11 @@ def _in_workers(items: list, work, device: torch.device) -> list:
         with torch.no_grad():
             return [work(items)]
 
+    inference = torch.is_inference_mode_enabled()  # thread-local, as grad mode is
+
     def run(part: list):
         torch.set_num_threads(1)  # this thread's OpenMP / MKL setting
-        with torch.no_grad():
+        with torch.inference_mode(inference), torch.no_grad():
             return work(part)
 
     try:
