@@ -2,6 +2,7 @@
 blocked form against the oracle (fp32 to 1e-5, causal, windowed, odd sizes, blocks smaller
 than the sequence), and the polynomial approximation's error falling with its degree."""
 
+import contextlib
 import math
 
 import pytest
@@ -9,6 +10,16 @@ import torch
 
 from attnopt.codegen.eager import tensor as eager
 from attnopt.codegen.reference import tensor as ref
+
+
+@contextlib.contextmanager
+def intra_op_threads(count: int):
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def rel(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -72,16 +83,147 @@ def test_fused_matches_naive(causal, window, sizes):
     n, m1, m2 = sizes
     args = inputs(n=n, m1=m1, m2=m2)
     expected = ref.tensor_attention(*args, scale=0.5, causal=causal, window=window)
-    fused = eager.tensor_attention(*args, scale=0.5, causal=causal, window=window, block=4)
+    fused = eager.tensor_attention(
+        *args, scale=0.5, causal=causal, window=window, block_q=4, block_k=3
+    )
     assert rel(fused, expected) < 1e-5
 
 
 def test_fused_keeps_large_scores_finite():
     args = inputs(spread=30.0)
     expected = ref.tensor_attention(*args, scale=1.0, causal=True)
-    fused = eager.tensor_attention(*args, scale=1.0, causal=True, block=4)
+    fused = eager.tensor_attention(*args, scale=1.0, causal=True, block_q=4, block_k=3)
     assert torch.isfinite(fused).all()
     assert rel(fused, expected) < 1e-5
+
+
+@pytest.mark.parametrize(
+    ("causal", "window", "sizes"),
+    [
+        (False, 0, (17, 19, 23)),
+        (True, 0, (9, 6, 6)),  # n > m: the first rows see no key and give 0
+        (True, 5, (19, 23, 23)),  # bottom-right aligned window
+        (False, 4, (15, 15, 15)),
+    ],
+)
+def test_fused_default_key_blocks_from_the_tile_bound(causal, window, sizes):
+    n, m1, m2 = sizes
+    args = inputs(n=n, m1=m1, m2=m2)
+    expected = ref.tensor_attention(*args, scale=0.5, causal=causal, window=window)
+    fused = eager.tensor_attention(
+        *args, scale=0.5, causal=causal, window=window, block_q=5, tile_elems=300
+    )
+    assert torch.isfinite(fused).all()
+    assert rel(fused, expected) < 1e-5
+
+
+def test_fused_redoes_a_tile_whose_scores_pass_the_first_tiles_max():
+    """The first key1 block's scores are small and later ones up to hundreds above them: the
+    shift taken from the first block would overflow ``exp`` unless the tile is redone."""
+    q, k1, k2, v1, v2 = inputs(n=8, m1=12, m2=8)
+    k1 = torch.cat([k1[..., :3, :] * 0.01, k1[..., 3:, :] * 20.0], dim=-2)
+    args = (q, k1, k2 * 3.0, v1, v2)
+    scores = torch.einsum("bhid,bhjd,bhld->bhijl", q, args[1], args[2])
+    assert scores[..., 3:, :].amax() - scores[..., :3, :].amax() > 100
+    expected = ref.tensor_attention(*args, scale=1.0)
+    fused = eager.tensor_attention(*args, scale=1.0, block_q=4, block_k=3)
+    assert torch.isfinite(fused).all()
+    assert rel(fused, expected) < 1e-5
+
+
+def test_fused_rows_whose_first_key_block_is_masked_keep_very_negative_scores():
+    """Every score is hundreds below 0 and, with a window, some rows see no key of their block's
+    first key1 tile: their shift must come from their own pairs, not a default of 0."""
+    q, k1, k2, v1, v2 = inputs(n=12, m1=12, m2=12)
+    args = (q.abs() * 40, k1.abs() * 6, -k2.abs() * 6, v1, v2)
+    expected = ref.tensor_attention(*args, scale=1.0, causal=True, window=3)
+    assert torch.einsum("bhid,bhjd,bhld->bhijl", *args[:3]).amax() < -100
+    fused = eager.tensor_attention(*args, scale=1.0, causal=True, window=3, block_q=4, block_k=2)
+    assert rel(fused, expected) < 1e-5
+
+
+def test_fused_never_builds_more_than_a_tile():
+    """Counted, not timed: no op of the fused form, forward or backward, returns more elements
+    than ``tile_elems`` (the naive form's scores alone have ``B·H·n·m²``)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Largest(TorchDispatchMode):
+        numel = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            result = func(*args, **(kwargs or {}))
+            for t in result if isinstance(result, (tuple, list)) else [result]:
+                if isinstance(t, torch.Tensor):
+                    Largest.numel = max(Largest.numel, t.numel())
+            return result
+
+    # 12 batch·heads × 16 query rows × 24 keys pass the bound: they go in groups of 5
+    args = inputs(b=3, h=4, n=24, m1=24, m2=24)
+    leaves = [t.clone().requires_grad_() for t in args]
+    # one thread: the dispatch mode sees this thread's ops only; the tiling is the same
+    with intra_op_threads(1), Largest():  # the backward too: it recomputes the tiles
+        out = eager.tensor_attention(*leaves, scale=0.5, causal=True, tile_elems=2048)
+        out.sum().backward()
+    values_with_ones = 12 * 24 * (5 + 1)  # the largest input-sized copy
+    assert values_with_ones < Largest.numel <= 2048 < 12 * 24**3
+    assert rel(out, ref.tensor_attention(*args, scale=0.5, causal=True)) < 1e-5
+
+
+def test_fused_query_blocks_in_worker_threads_match_one_thread():
+    """With several intra-op threads the query blocks go to that many Python threads (one
+    intra-op thread each): forward and gradients as on one thread, and the caller's thread
+    count is left as it was."""
+    args = inputs(b=2, n=19, m1=17, m2=19)
+    results = []
+    for count in (1, 3):
+        leaves = [t.clone().requires_grad_() for t in args]
+        with intra_op_threads(count):
+            out = eager.tensor_attention(*leaves, scale=0.5, causal=True, window=6, block_q=4)
+            out.square().sum().backward()
+            assert torch.get_num_threads() == count
+        results.append([out.detach()] + [t.grad for t in leaves])
+    expected = ref.tensor_attention(*args, scale=0.5, causal=True, window=6)
+    assert rel(results[1][0], expected) < 1e-5
+    for one, three in zip(*results, strict=True):
+        assert rel(three, one) < 1e-6
+    with intra_op_threads(3), torch.inference_mode():  # the workers write inference tensors
+        out = eager.tensor_attention(*args, scale=0.5, causal=True, window=6, block_q=4)
+    assert rel(out, expected) < 1e-5
+
+
+def test_fused_training_saves_no_tiles_for_backward():
+    """What autograd keeps between forward and backward: the inputs, the output and one
+    log-sum-exp per query, not the ``B·H·n·m²`` probabilities of the tiles."""
+    args = [t.requires_grad_() for t in inputs(n=16, m1=16, m2=16)]
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(
+        lambda t: saved.append(t.numel()) or t, lambda t: t
+    ):
+        out = eager.tensor_attention(*args, scale=0.5, causal=True, block_q=4, tile_elems=256)
+    allowed = sum(t.numel() for t in args) + out.numel() + out[..., 0].numel()
+    assert 0 < sum(saved) <= allowed < 2 * 16**3
+
+
+@pytest.mark.parametrize(
+    ("causal", "window", "sizes", "blocks"),
+    [
+        (True, 4, (9, 9, 9), {"block_q": 4}),
+        (False, 0, (10, 7, 11), {"block_q": 3, "tile_elems": 200}),  # groups of batch·heads
+        (True, 0, (9, 6, 6), {"block_q": 4, "block_k": 2}),  # n > m: rows with no pair
+    ],
+)
+def test_fused_gradients_match_the_naive_einsum(causal, window, sizes, blocks):
+    n, m1, m2 = sizes
+    args = inputs(b=2, n=n, m1=m1, m2=m2)
+    grads = []
+    for fn, kw in ((ref.tensor_attention, {}), (eager.tensor_attention, blocks)):
+        leaves = [t.clone().requires_grad_() for t in args]
+        out = fn(*leaves, scale=0.5, causal=causal, window=window, **kw)
+        out.square().sum().backward()
+        grads.append([t.grad for t in leaves])
+    for expected, fused in zip(*grads, strict=True):
+        assert torch.isfinite(fused).all()
+        assert rel(fused, expected) < 1e-5
 
 
 @pytest.mark.parametrize(("causal", "window"), [(False, 0), (True, 0), (True, 4)])
