@@ -37,7 +37,7 @@ class QuantSite(SiteModule):
 class QuantPass:
     name = "quant"
     approximate = True
-    knobs: dict[str, tuple] = {"bits": (8, 4), "pv": ("fp16", "bf16", "fp8")}
+    knobs: dict[str, tuple] = {"bits": (8, 4), "pv": ("fp16", "bf16", "fp8", "int8")}
     budget = {"cos": 0.995, "rel_l1": 0.03}
 
     def applies(self, site: AttentionSite, target: Target) -> str | None:

@@ -189,6 +189,8 @@ def supports(q, k, v, mask, causal: bool, window: int, bits: int, pv: str) -> st
         return "CPU kernel"
     if bits not in QMAX:
         return f"bits={bits}"
+    if pv not in (*PV_DTYPES, "fp8"):
+        return f"pv={pv!r}: the reference runs it"
     if not hasattr(torch, "_int_mm"):
         return "this torch has no torch._int_mm"
     return None

@@ -1,0 +1,537 @@
+"""TVM fused INT8 attention (``quant``, ALGORITHMS.md §6) for CPUs: one loop nest per query tile
+with ``Q·Kᵀ`` on the CPU's integer dot-product instruction, the online softmax in fp32 and
+``P·V`` in the same pass, so no score ever leaves the core's registers and L1.
+
+The quantization is the reference's (``codegen/reference/quant.py``): K smoothed, Q per 128
+rows with ``scale·log2 e`` folded in, K per 64 keys, done in torch before the launch (O(n·d)).
+The launcher then packs the operands the way the dot product reads them:
+
+- ``vpdpbusd`` (AVX-512 VNNI) multiplies 4 unsigned bytes by 4 signed bytes per int32 lane.
+  Q is stored as ``q + 128`` (u8) and broadcast 4 bytes at a time; K as panels of ``block_n``
+  keys ``(D/4, block_n, 4)``, so one 64-byte load holds 4 dims of 16 keys. ``Σ(q+128)·k`` is
+  corrected by ``128·Σk`` per key, the accumulator's initial value: the scores are exact int32.
+- Without VNNI (AVX2) the same 4-byte products are spelled out in plain TIR (bytes widened to
+  int32), so the kernel is correct on every x86-64 CPU; ``supports`` then leaves the work to the
+  ``int_mm`` kernel (oneDNN), which is faster there.
+
+``P·V``: with ``pv="int8"`` P (u8) and V (s8) are integers as well and run on the same
+instruction, as the reference's ``"int8"`` mode defines them (``int8_values``: V smoothed by
+its channel mean, per-channel scales; P per key block against the block's own row max), the
+block's int32 sums scaled into the fp32 accumulator. With ``pv="fp16"``/``"bf16"``, V is
+rounded to that dtype and ``P·V`` runs in fp32 FMAs as in the exact kernel (P unrounded, so
+slightly closer to exact than the reference, which rounds P as well). ``pv="fp8"`` is left
+to the ``int_mm`` kernel (CPUs have no FP8 units; it emulates them).
+
+Which key blocks a tile visits, and which need the causal / window / bounds check, are the exact
+kernel's ``_band_start``, ``_band_count``, ``_inside_band`` and ``_visible``. Scores are in log2
+units; masks are added (or boolean fill used) in log2 units, floored as the reference floors them.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import asdict, dataclass
+
+import torch
+
+from attnopt.codegen.reference.quant import (
+    BLOCK_K,
+    BLOCK_Q,
+    LOG2E,
+    PV_DTYPES,
+    int8_values,
+    quantize_blocks,
+    smooth_k,
+)
+from attnopt.codegen.registry import Kernel, register_kernel
+from attnopt.codegen.tvm import cache
+from attnopt.codegen.tvm.exact import (
+    NEG_INF,
+    _band_count,
+    _band_start,
+    _contract,
+    _inside_band,
+    _mask_operand,
+    _visible,
+)
+from attnopt.errors import KernelError
+from attnopt.targets import Target, detect_cpu
+
+_FLOOR = torch.finfo(torch.float32).min / 2  # masks floored as in the reference
+MAX_HEAD_DIM = 256
+# Below this many scores the torch-side quantization and packing dominate; the int_mm kernel is
+# as fast there (and the thread-pool handoff costs ~1 ms, as for the exact kernel).
+MIN_WORK = 1 << 20
+KEY_BLOCK = BLOCK_K  # keys per block: P is quantized per row of a block, as in the reference
+PV_KINDS = (*PV_DTYPES, "int8")  # FP8 has no CPU units: the int_mm kernel emulates it
+
+
+@dataclass(frozen=True)
+class Spec:
+    """The static facts a compiled kernel is specialised on."""
+
+    head_dim: int
+    value_dim: int
+    pv: str  # "int8" (u8 P · s8 V) or "float32"
+    dot: str  # "vnni" (vpdpbusd) or "generic"
+    mask: str = "none"
+    mask_dtype: str = "float32"
+    mask_key_stride: int = 1
+
+
+def dot_kind(target: Target) -> str:
+    """``"vnni"`` where the target has 512-bit VNNI, else ``"generic"``."""
+    wide = target.vector_bits >= 512
+    return "vnni" if wide and "avx512_vnni" in target.cpu_features else "generic"
+
+
+def _config(target: Target, value_dim: int) -> dict | None:
+    """Register tiles for the target's vector registers (32 on AVX-512, 16 on AVX2), or None
+    when the value dim is not a whole number of vectors."""
+    if target.vector_bits >= 512:
+        config = {"block_m": 96, "rows": 6, "cols": 4, "vec": 16, "pv_cols": 4}
+    else:
+        config = {"block_m": 48, "rows": 4, "cols": 2, "vec": 8, "pv_cols": 2}
+    while value_dim % (config["pv_cols"] * config["vec"]) and config["pv_cols"] > 1:
+        config["pv_cols"] //= 2
+    return None if value_dim % config["vec"] else config
+
+
+def _dot4(spec: Spec, vec: int):
+    """``dot(acc, a, b)``: int32 lanes plus the sums of 4 u8·s8 byte products (``a`` u8 and
+    ``b`` s8 vectors of ``4·vec`` bytes)."""
+    from tvm import tirx
+    from tvm.script import tirx as T
+
+    if spec.dot == "vnni":
+
+        def vnni(acc, a, b):
+            return T.call_llvm_pure_intrin(
+                f"int32x{vec}", f"llvm.x86.avx512.vpdpbusd.{32 * vec}", acc, a, b
+            )
+
+        return vnni
+
+    def generic(acc, a, b):
+        for t in range(4):
+            pick = [tirx.IntImm("int32", 4 * lane + t) for lane in range(vec)]
+            ua = T.Cast(f"int32x{vec}", tirx.Shuffle([a], pick))
+            sb = T.Cast(f"int32x{vec}", tirx.Shuffle([b], pick))
+            acc = acc + ua * sb
+        return acc
+
+    return generic
+
+
+def _cpu_kernel(spec: Spec, config: dict):
+    """The PrimFunc of one signature class; every shape in it is symbolic."""
+    from tvm import tirx
+    from tvm.script import tirx as T
+
+    from attnopt.codegen.tvm.tirlib import STACK, exp2, hmax, hsum, lanes
+
+    d4, dv = spec.head_dim // 4, spec.value_dim
+    bm, rows, vec = config["block_m"], config["rows"], config["vec"]
+    cols, pv_cols = config["cols"], config["pv_cols"]
+    tw = cols * vec  # keys of a Q·Kᵀ register tile
+    bn = KEY_BLOCK  # keys per block (the P quantization's block, as the reference's)
+    key_tiles = bn // tw
+    pw = pv_cols * vec
+    bv = bn // vec
+    stats = -(-bm // vec) * vec
+    int_pv = spec.pv == "int8"
+    neg = T.float32(NEG_INF)
+    dot = _dot4(spec, vec)
+    log2e = T.float32(LOG2E)
+    floor = T.float32(_FLOOR)
+    i64 = T.int64
+
+    def bcast4(word):
+        """An int32 (4 bytes) repeated over the vector, seen as ``4·vec`` unsigned bytes."""
+        return T.reinterpret(f"uint8x{4 * vec}", tirx.Broadcast(word, vec))
+
+    def row_max(buf, i):
+        return hmax(
+            functools.reduce(T.max, [lanes(buf, i, c * vec, width=vec) for c in range(bv)]), vec
+        )
+
+    def row_sum(buf, i, lane):
+        return functools.reduce(lambda a, b: a + b, [buf[i, c * vec + lane] for c in range(bv)])
+
+    def safe(m):
+        return T.Select(m == neg, T.float32(0), m)
+
+    def masked(mask_buf, b, h, row, key, s, fill):
+        if spec.mask == "boolean":
+            return T.Select(mask_buf[b, h, row, key] != T.uint8(0), s, fill)
+        if spec.mask == "additive":
+            return s + T.max(T.Cast("float32", mask_buf[b, h, row, key]), floor) * log2e
+        return s
+
+    @T.macro
+    def attend_tile(
+        QU, QS, KP, KC, KS, VP, VS, VM, MASK, OUT, H, HK, N, M, causal, window, fill, bi, hi, ti
+    ):
+        b: T.let = bi
+        h: T.let = hi
+        i0: T.let = ti * bm
+        n_rows: T.let = T.Cast("int32", T.min(i64(bm), N - i0))
+        used: T.let = (n_rows + rows - 1) // rows * rows
+        hk: T.let = h // (H // HK)
+        first: T.let = i0 + M - N
+        last: T.let = first + n_rows - 1
+        blk0: T.let = _band_start(first, window, bn)
+        n_blk: T.let = _band_count(first, last, M, causal, window, bn)
+        win: T.let = T.Cast("int32", T.min(window, N + M))
+        q_s = T.alloc_buffer((bm, d4), "int32", annotations=STACK)
+        qs_s = T.alloc_buffer((bm,), "float32", annotations=STACK)
+        s_t = T.alloc_buffer((bm, bn), "float32", annotations=STACK)
+        p_q = T.alloc_buffer((bm, bn), "uint8", annotations=STACK)
+        acc_o = T.alloc_buffer((bm, dv), "float32", annotations=STACK)
+        l_run = T.alloc_buffer((bm, vec), "float32", annotations=STACK)
+        m_run = T.alloc_buffer((stats,), "float32", annotations=STACK)
+        m_sub = T.alloc_buffer((stats,), "float32", annotations=STACK)
+        alpha = T.alloc_buffer((stats,), "float32", annotations=STACK)
+        beta = T.alloc_buffer((stats,), "float32", annotations=STACK)
+        for i in range(bm):
+            for c in range(d4):
+                q_s[i, c] = QU[b, h, T.min(i0 + i, N - 1), c]
+            qs_s[i] = QS[b, h, T.min(i0 + i, N - 1)]
+            for c in T.vectorized(dv):
+                acc_o[i, c] = T.float32(0)
+            for c in T.vectorized(vec):
+                l_run[i, c] = T.float32(0)
+        for i in range(stats):
+            m_run[i] = neg
+            m_sub[i] = neg
+        for jb in range(n_blk):
+            blk: T.let = blk0 + jb
+            j0: T.let = blk * bn
+            whole: T.let = _inside_band(j0, first, last, M, causal, window, bn)
+            base: T.let = T.Cast("int32", j0 - first)
+            n_keys: T.let = T.Cast("int32", T.min(i64(bn), M - j0))
+            # S = Q·Kᵀ on integers, a register tile of rows × bn, then scaled and masked
+            for g, kt in T.grid(used // rows, key_tiles):
+                acc = T.alloc_buffer((rows, tw), "int32", annotations=STACK)
+                for r, cv in T.grid(rows, cols):
+                    for c in T.vectorized(vec):
+                        acc[r, cv * vec + c] = -KC[b, hk, j0 + kt * tw + cv * vec + c]
+                for dd in range(d4):
+                    for r in T.unroll(rows):
+                        for cv in T.unroll(cols):
+                            acc[r, T.Ramp(cv * vec, 1, vec)] = dot(
+                                acc[r, T.Ramp(cv * vec, 1, vec)],
+                                bcast4(q_s[g * rows + r, dd]),
+                                KP[b, hk, blk, dd, T.Ramp((kt * tw + cv * vec) * 4, 1, 4 * vec)],
+                            )
+                for r, cv in T.grid(rows, cols):
+                    for c in T.vectorized(vec):
+                        s_t[g * rows + r, kt * tw + cv * vec + c] = T.Select(
+                            tirx.any(
+                                whole,
+                                _visible(
+                                    base + kt * tw + cv * vec + c - T.Cast("int32", g * rows + r),
+                                    kt * tw + cv * vec + c,
+                                    n_keys,
+                                    causal,
+                                    win,
+                                ),
+                            ),
+                            masked(
+                                MASK,
+                                b,
+                                h,
+                                T.min(i0 + g * rows + r, N - 1),
+                                T.min(j0 + kt * tw + cv * vec + c, M - 1),
+                                T.Cast("float32", acc[r, cv * vec + c])
+                                * (qs_s[g * rows + r] * KS[b, hk, j0 + kt * tw + cv * vec + c]),
+                                fill,
+                            ),
+                            neg,
+                        )
+            # running max, rescale factors; int8 P is taken against the block's own row max
+            for i in range(used):
+                m_sub[i] = row_max(s_t, i)
+            for iv in range((used + vec - 1) // vec):
+                for c in T.vectorized(vec):
+                    alpha[iv * vec + c] = exp2(
+                        m_run[iv * vec + c] - safe(T.max(m_run[iv * vec + c], m_sub[iv * vec + c]))
+                    )
+                    beta[iv * vec + c] = exp2(
+                        m_sub[iv * vec + c] - safe(T.max(m_run[iv * vec + c], m_sub[iv * vec + c]))
+                    )
+                    m_run[iv * vec + c] = T.max(m_run[iv * vec + c], m_sub[iv * vec + c])
+                    if int_pv:
+                        m_sub[iv * vec + c] = safe(m_sub[iv * vec + c])
+                    else:
+                        m_sub[iv * vec + c] = safe(m_run[iv * vec + c])
+            for i in range(used):
+                for cv in range(bv):
+                    for c in T.vectorized(vec):
+                        if int_pv:
+                            s_t[i, cv * vec + c] = T.floor(
+                                exp2(s_t[i, cv * vec + c] - m_sub[i]) * T.float32(255)
+                                + T.float32(0.5)
+                            )
+                            p_q[i, cv * vec + c] = T.Cast(
+                                "uint8", T.Cast("int32", s_t[i, cv * vec + c])
+                            )
+                        else:
+                            s_t[i, cv * vec + c] = exp2(s_t[i, cv * vec + c] - m_sub[i])
+                for c in T.vectorized(vec):
+                    if int_pv:
+                        l_run[i, c] = l_run[i, c] * alpha[i] + row_sum(s_t, i, c) * beta[i]
+                    else:
+                        l_run[i, c] = l_run[i, c] * alpha[i] + row_sum(s_t, i, c)
+            # O = α·O + P·V
+            for g in range(used // rows):
+                for db in range(dv // pw):
+                    if int_pv:
+                        pacc = T.alloc_buffer((rows, pw), "int32", annotations=STACK)
+                        for r, cv in T.grid(rows, pv_cols):
+                            for c in T.vectorized(vec):
+                                pacc[r, cv * vec + c] = T.int32(0)
+                        for j4 in range((n_keys + 3) // 4):
+                            for r in T.unroll(rows):
+                                for cv in T.unroll(pv_cols):
+                                    pacc[r, T.Ramp(cv * vec, 1, vec)] = dot(
+                                        pacc[r, T.Ramp(cv * vec, 1, vec)],
+                                        bcast4(
+                                            T.reinterpret(
+                                                "int32", p_q[g * rows + r, T.Ramp(j4 * 4, 1, 4)]
+                                            )
+                                        ),
+                                        VP[
+                                            b,
+                                            hk,
+                                            blk,
+                                            j4,
+                                            T.Ramp((db * pw + cv * vec) * 4, 1, 4 * vec),
+                                        ],
+                                    )
+                        for r, cv in T.grid(rows, pv_cols):
+                            for c in T.vectorized(vec):
+                                acc_o[g * rows + r, db * pw + cv * vec + c] = acc_o[
+                                    g * rows + r, db * pw + cv * vec + c
+                                ] * alpha[g * rows + r] + T.Cast(
+                                    "float32", pacc[r, cv * vec + c]
+                                ) * (beta[g * rows + r] * VS[b, hk, db * pw + cv * vec + c])
+                    else:
+                        facc = T.alloc_buffer((rows, pw), "float32", annotations=STACK)
+                        for r, cv in T.grid(rows, pv_cols):
+                            for c in T.vectorized(vec):
+                                facc[r, cv * vec + c] = (
+                                    acc_o[g * rows + r, db * pw + cv * vec + c]
+                                    * alpha[g * rows + r]
+                                )
+                        for j in range(n_keys):
+                            for r in T.unroll(rows):
+                                for cv in T.unroll(pv_cols):
+                                    for c in T.vectorized(vec):
+                                        facc[r, cv * vec + c] = (
+                                            facc[r, cv * vec + c]
+                                            + s_t[g * rows + r, j]
+                                            * VP[b, hk, blk, j, db * pw + cv * vec + c]
+                                        )
+                        for r, cv in T.grid(rows, pv_cols):
+                            for c in T.vectorized(vec):
+                                acc_o[g * rows + r, db * pw + cv * vec + c] = facc[r, cv * vec + c]
+        for i in range(n_rows):
+            total: T.let = hsum(lanes(l_run, i, 0, width=vec), vec)
+            inv: T.let = T.Select(total > T.float32(0), T.float32(1) / total, T.float32(0))
+            for c in T.vectorized(dv):
+                OUT[b, h, i0 + i, c] = T.Select(
+                    total > T.float32(0), acc_o[i, c] * inv + VM[b, hk, c], T.float32(0)
+                )
+
+    # V panels: 4 keys interleaved per channel for the dot product, or fp32 rows
+    v_rows, v_cols, v_dtype = (bn // 4, 4 * dv, "int8") if int_pv else (bn, dv, "float32")
+
+    def buffers(qu, qs, kp, kc, ks, vp, vs, vm, mask, o):
+        """The operands' buffers, declared inside the ``prim_func`` body (sizes symbolic)."""
+        B, H, HK, N, NB = (T.int64() for _ in range(5))
+        QU = T.match_buffer(qu, (B, H, N, i64(d4)), "int32")
+        QS = T.match_buffer(qs, (B, H, N), "float32")
+        KP = T.match_buffer(kp, (B, HK, NB, i64(d4), i64(4 * bn)), "int8")
+        KC = T.match_buffer(kc, (B, HK, NB * bn), "int32")
+        KS = T.match_buffer(ks, (B, HK, NB * bn), "float32")
+        VP = T.match_buffer(vp, (B, HK, NB, i64(v_rows), i64(v_cols)), v_dtype)
+        VS = T.match_buffer(vs, (B, HK, i64(dv)), "float32")
+        VM = T.match_buffer(vm, (B, HK, i64(dv)), "float32")
+        mask_shape = tuple(T.int64() for _ in range(4))
+        sm = [T.int64() for _ in range(3)]
+        MASK = T.match_buffer(
+            mask, mask_shape, spec.mask_dtype, strides=(*sm, i64(spec.mask_key_stride))
+        )
+        OUT = T.match_buffer(o, (B, H, N, i64(dv)), "float32")
+        return B, H, HK, N, QU, QS, KP, KC, KS, VP, VS, VM, MASK, OUT
+
+    @T.prim_func
+    def kernel(
+        qu: T.handle,
+        qs: T.handle,
+        kp: T.handle,
+        kc: T.handle,
+        ks: T.handle,
+        vp: T.handle,
+        vs: T.handle,
+        vm: T.handle,
+        mask: T.handle,
+        o: T.handle,
+        M: T.int64,
+        causal: T.int64,
+        window: T.int64,
+        fill: T.float32,
+    ):
+        T.func_attr({"tir.noalias": True})
+        B, H, HK, N, QU, QS, KP, KC, KS, VP, VS, VM, MASK, OUT = buffers(
+            qu, qs, kp, kc, ks, vp, vs, vm, mask, o
+        )
+        tiles: T.let = (N + bm - 1) // bm
+        # tiles of a (batch, head) taken in pairs from both ends: causal work balances
+        for task in T.parallel(B * H * tiles):
+            bh: T.let = task // tiles
+            t: T.let = task % tiles
+            attend_tile(
+                QU, QS, KP, KC, KS, VP, VS, VM, MASK, OUT, H, HK, N, M, causal, window, fill,
+                bh // H, bh % H, t // 2 + t % 2 * (tiles - 1 - t // 2 * 2),
+            )  # fmt: skip
+
+    return kernel
+
+
+# ----------------------------------------------------------------------------- launcher
+
+
+def _panels(x: torch.Tensor, block: int, group: int) -> torch.Tensor:
+    """``x (B, Hk, M, C)`` zero-padded to whole blocks of keys and laid out ``(B, Hk, blocks,
+    block / group, C · group)``: ``group`` consecutive keys interleaved per column (4 for the
+    dot product's bytes, 1 for fp32 V)."""
+    b, h, m, c = x.shape
+    blocks = -(-m // block)
+    padded = x.new_zeros(b, h, blocks * block, c)
+    padded[:, :, :m] = x
+    tiles = padded.view(b, h, blocks, block // group, group, c)
+    return tiles.transpose(-2, -1).reshape(b, h, blocks, block // group, c * group)
+
+
+def _pad_keys(x: torch.Tensor, length: int) -> torch.Tensor:
+    return torch.nn.functional.pad(x, (0, length - x.shape[-1])).contiguous()
+
+
+def operands(q, k, v, *, scale: float, pv: str, block_n: int) -> dict:
+    """The kernel's operands: the reference's quantization, packed for the dot product."""
+    qv, q_scale = quantize_blocks(q.float(), BLOCK_Q, 8, scale * LOG2E)
+    kv, k_scale = quantize_blocks(smooth_k(k), BLOCK_K, 8)
+    n, m = q.shape[-2], k.shape[-2]
+    padded = -(-m // block_n) * block_n
+    qu = (qv.to(torch.int16) + 128).to(torch.uint8).contiguous().view(torch.int32)
+    ops = {
+        "qu": qu,
+        "qs": q_scale.repeat_interleave(BLOCK_Q, dim=-1)[..., :n].contiguous(),
+        "kp": _k_panels(kv, block_n),
+        "kc": _pad_keys(128 * kv.to(torch.int32).sum(dim=-1, dtype=torch.int32), padded),
+        "ks": _pad_keys(k_scale.repeat_interleave(BLOCK_K, dim=-1)[..., :m], padded),
+    }
+    if pv == "int8":
+        values, v_scale, mean = int8_values(v)
+        ops |= {
+            "vp": _panels(values, block_n, 4),
+            "vs": v_scale.squeeze(-2).contiguous(),
+            "vm": mean.squeeze(-2).contiguous(),
+        }
+    else:
+        vr = v.to(PV_DTYPES[pv]).float()
+        zeros = vr.new_zeros(*v.shape[:2], v.shape[-1])
+        ops |= {"vp": _panels(vr, block_n, 1), "vs": zeros, "vm": zeros}
+    return ops
+
+
+def _k_panels(kv: torch.Tensor, block_n: int) -> torch.Tensor:
+    """K ``(B, Hk, M, D)`` int8 as ``(B, Hk, blocks, D/4, block_n·4)``: per 4 dims, the 4 bytes
+    of each key side by side, so 64 bytes hold 4 dims of 16 keys."""
+    b, h, m, d = kv.shape
+    blocks = -(-m // block_n)
+    padded = kv.new_zeros(b, h, blocks * block_n, d)
+    padded[:, :, :m] = kv
+    tiles = padded.view(b, h, blocks, block_n, d // 4, 4)
+    return tiles.permute(0, 1, 2, 4, 3, 5).reshape(b, h, blocks, d // 4, block_n * 4)
+
+
+def _spec(q, v, mask_facts: dict, pv: str, target: Target) -> Spec:
+    kind = "int8" if pv == "int8" else "float32"
+    return Spec(q.shape[-1], v.shape[-1], kind, dot_kind(target), **mask_facts)
+
+
+def supports(q, k, v, mask, causal: bool, window: int, bits: int, pv: str) -> str | None:
+    """None, or why this kernel does not run these inputs (the int_mm kernel then does)."""
+    if q.device.type != "cpu":
+        return "CPU kernel"
+    if bits != 8 or pv not in PV_KINDS:
+        return f"bits={bits}, pv={pv!r}: the fused kernel runs bits=8 with pv in {PV_KINDS}"
+    try:
+        reason = _contract(q, k, v, mask)
+    except RuntimeError as err:
+        return str(err)
+    if reason is not None:
+        return reason
+    d, dv = q.shape[-1], v.shape[-1]
+    if d % 4 or max(d, dv) > MAX_HEAD_DIM:
+        return f"head dim {d} must be a multiple of 4 and at most {MAX_HEAD_DIM}"
+    target = detect_cpu()
+    if _config(target, dv) is None:
+        return f"value dim {dv} is not a whole number of {target.vector_bits}-bit vectors"
+    if dot_kind(target) != "vnni":
+        return "no AVX-512 VNNI on the target: the int_mm kernel (oneDNN) is faster"
+    work = q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2]
+    if work < MIN_WORK:
+        return f"{work} scores: below {MIN_WORK} quantizing and packing outweigh the kernel"
+    return None
+
+
+def forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    *,
+    scale: float,
+    causal: bool = False,
+    window: int = 0,
+    fill: float = NEG_INF,
+    bits: int = 8,
+    pv: str = "fp16",
+) -> torch.Tensor:
+    """Quantized attention as ``reference.quant_attention`` computes it (INT8 Q·Kᵀ, P·V as the
+    module docstring says), in one compiled pass."""
+    if bits != 8 or pv not in PV_KINDS:
+        raise KernelError(f"the fused kernel runs bits=8 with pv in {PV_KINDS}; got {bits}, {pv!r}")
+    reason = _contract(q, k, v, mask)
+    if reason is not None:
+        raise KernelError(reason)
+    target = detect_cpu()
+    config = _config(target, v.shape[-1])
+    if config is None:
+        raise KernelError(f"value dim {v.shape[-1]} is not a whole number of vectors")
+    block_n = KEY_BLOCK
+    mask_arg, facts = _mask_operand(mask, q, k)
+    spec = _spec(q, v, facts, pv, target)
+    ops = operands(q.detach(), k.detach(), v.detach(), scale=scale, pv=pv, block_n=block_n)
+    out = q.new_empty(*q.shape[:3], v.shape[-1], dtype=torch.float32)
+    fill2 = fill if fill == NEG_INF else max(fill, _FLOOR) * LOG2E
+    key = {**asdict(spec), **config}
+    function = cache.kernel_function("tvm.quant.cpu", key, target, _cpu_kernel, spec, config)
+    function(*ops.values(), mask_arg, out, k.shape[-2], int(causal), max(window, 0), fill2)
+    return out.to(q.dtype)
+
+
+TVM_QUANT = register_kernel(
+    Kernel(
+        variant="quant",
+        device_type="cpu",
+        name="tvm",
+        forward=forward,
+        supports=supports,
+        priority=20,
+    )
+)
