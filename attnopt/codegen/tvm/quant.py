@@ -39,9 +39,6 @@ from attnopt.codegen.reference.quant import (
     BLOCK_Q,
     LOG2E,
     PV_DTYPES,
-    int8_values,
-    quantize_blocks,
-    smooth_k,
 )
 from attnopt.codegen.registry import Kernel, register_kernel
 from attnopt.codegen.tvm import cache
@@ -403,6 +400,183 @@ def _cpu_kernel(spec: Spec, config: dict):
 # ----------------------------------------------------------------------------- launcher
 
 
+def _prep_kernel(head_dim: int, value_dim: int, int_pv: bool):
+    """The PrimFunc that quantizes and packs the operands in three parallel passes (Q blocks,
+    K blocks, V per kv head), as ``quantize_blocks`` and ``int8_values`` quantize them:
+    ``x·scale / (max|x·scale| / 127)`` rounded half to even, clamped to ±127."""
+    from tvm import tirx
+    from tvm.script import tirx as T
+
+    from attnopt.codegen.tvm.tirlib import STACK, hmax, lanes
+
+    d, dv, bq, bn = head_dim, value_dim, BLOCK_Q, KEY_BLOCK
+    w = next(width for width in (16, 8, 4) if d % width == 0)  # vector lanes along d
+    i64 = T.int64
+    qmax = T.float32(127)
+
+    def quantized(x, step):
+        return T.Cast("int32", T.max(T.min(round_even(x / step), qmax), -qmax))
+
+    def round_even(x):
+        """torch.round's half-to-even from ``floor`` (``nearbyint`` stops TVM vectorizing)."""
+        half, up = (tirx.Var(name, "float32") for name in ("x", "r"))
+        odd = up - T.float32(2) * T.floor(up * T.float32(0.5)) != T.float32(0)
+        tie_odd = tirx.all(up - half == T.float32(0.5), odd)
+        value = T.Select(tie_odd, up - T.float32(1), up)
+        value = tirx.Let(up, T.floor(half + T.float32(0.5)), value)
+        return tirx.Let(half, x, value)
+
+    def step_of(peak):
+        return T.Select(peak > T.float32(0), peak / qmax, T.float32(1))
+
+    def buffers(q, k, v, km, vm, qu, qs, kp, kc, ks, vp, vs):
+        B, H, HK, N, M, NB = (T.int64() for _ in range(6))
+        Q = T.match_buffer(q, (B, H, N, i64(d)), "float32")
+        K = T.match_buffer(k, (B, HK, M, i64(d)), "float32")
+        V = T.match_buffer(v, (B, HK, M, i64(dv)), "float32")
+        KM = T.match_buffer(km, (B, HK, i64(d)), "float32")
+        VM = T.match_buffer(vm, (B, HK, i64(dv)), "float32")
+        QU = T.match_buffer(qu, (B, H, N, i64(d)), "uint8")
+        QS = T.match_buffer(qs, (B, H, N), "float32")
+        KP = T.match_buffer(kp, (B, HK, NB, i64(d // 4), i64(4 * bn)), "int8")
+        KC = T.match_buffer(kc, (B, HK, NB * bn), "int32")
+        KS = T.match_buffer(ks, (B, HK, NB * bn), "float32")
+        VP = T.match_buffer(vp, (B, HK, NB, i64(bn // 4), i64(4 * dv)), "int8")
+        VS = T.match_buffer(vs, (B, HK, i64(dv)), "float32")
+        return B, H, HK, N, M, NB, Q, K, V, KM, VM, QU, QS, KP, KC, KS, VP, VS
+
+    @T.prim_func
+    def prep(
+        q: T.handle,
+        k: T.handle,
+        v: T.handle,
+        km: T.handle,
+        vm: T.handle,
+        qu: T.handle,
+        qs: T.handle,
+        kp: T.handle,
+        kc: T.handle,
+        ks: T.handle,
+        vp: T.handle,
+        vs: T.handle,
+        scale: T.float32,
+    ):
+        T.func_attr({"tir.noalias": True})
+        B, H, HK, N, M, NB, Q, K, V, KM, VM, QU, QS, KP, KC, KS, VP, VS = buffers(
+            q, k, v, km, vm, qu, qs, kp, kc, ks, vp, vs
+        )
+        q_blocks: T.let = (N + bq - 1) // bq
+        for task in T.parallel(B * H * q_blocks):
+            b: T.let = task // (H * q_blocks)
+            h: T.let = task // q_blocks % H
+            r0: T.let = task % q_blocks * bq
+            rows: T.let = T.min(i64(bq), N - r0)
+            peak = T.alloc_buffer((w,), "float32", annotations=STACK)
+            for c in T.vectorized(w):
+                peak[c] = T.float32(0)
+            for r, c0 in T.grid(rows, d // w):
+                for c in T.vectorized(w):
+                    peak[c] = T.max(peak[c], T.abs(Q[b, h, r0 + r, c0 * w + c] * scale))
+            step: T.let = step_of(hmax(lanes(peak, 0, width=w), w))
+            for r in range(rows):
+                QS[b, h, r0 + r] = step
+                for c0 in range(d // w):
+                    for c in T.vectorized(w):
+                        QU[b, h, r0 + r, c0 * w + c] = T.Cast(
+                            "uint8", quantized(Q[b, h, r0 + r, c0 * w + c] * scale, step) + 128
+                        )
+        for task in T.parallel(B * HK * NB):
+            b: T.let = task // (HK * NB)
+            hk: T.let = task // NB % HK
+            blk: T.let = task % NB
+            j0: T.let = blk * bn
+            peak = T.alloc_buffer((w,), "float32", annotations=STACK)
+            for c in T.vectorized(w):
+                peak[c] = T.float32(0)
+            for j, c0 in T.grid(T.min(i64(bn), M - j0), d // w):
+                for c in T.vectorized(w):
+                    peak[c] = T.max(
+                        peak[c], T.abs(K[b, hk, j0 + j, c0 * w + c] - KM[b, hk, c0 * w + c])
+                    )
+            step: T.let = step_of(hmax(lanes(peak, 0, width=w), w))
+            for c4, j in T.grid(d // 4, bn):
+                for t in T.vectorized(4):
+                    KP[b, hk, blk, c4, j * 4 + t] = T.Cast(
+                        "int8",
+                        T.Select(
+                            j0 + j < M,
+                            quantized(
+                                K[b, hk, T.min(j0 + j, M - 1), c4 * 4 + t] - KM[b, hk, c4 * 4 + t],
+                                step,
+                            ),
+                            0,
+                        ),
+                    )
+            for j in range(bn):
+                KC[b, hk, j0 + j] = 0
+                for c4, t in T.grid(d // 4, 4):
+                    KC[b, hk, j0 + j] = KC[b, hk, j0 + j] + T.Cast(
+                        "int32", KP[b, hk, blk, c4, j * 4 + t]
+                    )
+                KC[b, hk, j0 + j] = KC[b, hk, j0 + j] * 128
+                KS[b, hk, j0 + j] = T.Select(j0 + j < M, step, T.float32(0))
+        if int_pv:
+            for task in T.parallel(B * HK):
+                b: T.let = task // HK
+                hk: T.let = task % HK
+                for c in T.vectorized(dv):
+                    VS[b, hk, c] = T.float32(0)
+                for j in range(M):
+                    for c in T.vectorized(dv):
+                        VS[b, hk, c] = T.max(VS[b, hk, c], T.abs(V[b, hk, j, c] - VM[b, hk, c]))
+                for c in T.vectorized(dv):
+                    VS[b, hk, c] = T.max(VS[b, hk, c], T.float32(1e-30)) / qmax
+                for j4, c in T.grid(NB * bn // 4, dv):
+                    for t in T.vectorized(4):
+                        VP[b, hk, j4 * 4 // bn, j4 % (bn // 4), c * 4 + t] = T.Cast(
+                            "int8",
+                            T.Select(
+                                j4 * 4 + t < M,
+                                quantized(
+                                    V[b, hk, T.min(j4 * 4 + t, M - 1), c] - VM[b, hk, c],
+                                    VS[b, hk, c],
+                                ),
+                                0,
+                            ),
+                        )
+
+    return prep
+
+
+def operands(q, k, v, *, scale: float, pv: str, target: Target) -> dict:
+    """The kernel's operands: the reference's quantization (one compiled pass per operand),
+    packed for the dot product."""
+    q, k, v = (t.float().contiguous() for t in (q, k, v))
+    (b, h, n, d), (hk, m), dv = q.shape, k.shape[1:3], v.shape[-1]
+    blocks = -(-m // KEY_BLOCK)
+    int_pv = pv == "int8"
+    k_mean, v_mean = k.mean(dim=-2), v.mean(dim=-2)
+    ops = {
+        "qu": q.new_empty(b, h, n, d, dtype=torch.uint8),
+        "qs": q.new_empty(b, h, n),
+        "kp": q.new_empty(b, hk, blocks, d // 4, 4 * KEY_BLOCK, dtype=torch.int8),
+        "kc": q.new_empty(b, hk, blocks * KEY_BLOCK, dtype=torch.int32),
+        "ks": q.new_empty(b, hk, blocks * KEY_BLOCK),
+        # (unwritten without int8 P·V: that pass is compiled out, the fp32 panels replace it)
+        "vp": q.new_empty(b, hk, blocks, KEY_BLOCK // 4, 4 * dv, dtype=torch.int8),
+        "vs": q.new_empty(b, hk, dv),
+        "vm": v_mean,
+    }
+    key = {"head_dim": d, "value_dim": dv, "int_pv": int_pv}
+    prep = cache.kernel_function("tvm.quant.prep", key, target, _prep_kernel, d, dv, int_pv)
+    prep(q, k, v, k_mean, v_mean, *(ops[name] for name in list(ops)[:7]), scale * LOG2E)
+    ops["qu"] = ops["qu"].view(torch.int32)
+    if not int_pv:
+        vr = v.to(PV_DTYPES[pv]).float()
+        ops |= {"vp": _panels(vr, KEY_BLOCK, 1), "vs": ops["vs"].zero_(), "vm": v_mean.zero_()}
+    return ops
+
+
 def _panels(x: torch.Tensor, block: int, group: int) -> torch.Tensor:
     """``x (B, Hk, M, C)`` zero-padded to whole blocks of keys and laid out ``(B, Hk, blocks,
     block / group, C · group)``: ``group`` consecutive keys interleaved per column (4 for the
@@ -413,49 +587,6 @@ def _panels(x: torch.Tensor, block: int, group: int) -> torch.Tensor:
     padded[:, :, :m] = x
     tiles = padded.view(b, h, blocks, block // group, group, c)
     return tiles.transpose(-2, -1).reshape(b, h, blocks, block // group, c * group)
-
-
-def _pad_keys(x: torch.Tensor, length: int) -> torch.Tensor:
-    return torch.nn.functional.pad(x, (0, length - x.shape[-1])).contiguous()
-
-
-def operands(q, k, v, *, scale: float, pv: str, block_n: int) -> dict:
-    """The kernel's operands: the reference's quantization, packed for the dot product."""
-    qv, q_scale = quantize_blocks(q.float(), BLOCK_Q, 8, scale * LOG2E)
-    kv, k_scale = quantize_blocks(smooth_k(k), BLOCK_K, 8)
-    n, m = q.shape[-2], k.shape[-2]
-    padded = -(-m // block_n) * block_n
-    qu = (qv.to(torch.int16) + 128).to(torch.uint8).contiguous().view(torch.int32)
-    ops = {
-        "qu": qu,
-        "qs": q_scale.repeat_interleave(BLOCK_Q, dim=-1)[..., :n].contiguous(),
-        "kp": _k_panels(kv, block_n),
-        "kc": _pad_keys(128 * kv.to(torch.int32).sum(dim=-1, dtype=torch.int32), padded),
-        "ks": _pad_keys(k_scale.repeat_interleave(BLOCK_K, dim=-1)[..., :m], padded),
-    }
-    if pv == "int8":
-        values, v_scale, mean = int8_values(v)
-        ops |= {
-            "vp": _panels(values, block_n, 4),
-            "vs": v_scale.squeeze(-2).contiguous(),
-            "vm": mean.squeeze(-2).contiguous(),
-        }
-    else:
-        vr = v.to(PV_DTYPES[pv]).float()
-        zeros = vr.new_zeros(*v.shape[:2], v.shape[-1])
-        ops |= {"vp": _panels(vr, block_n, 1), "vs": zeros, "vm": zeros}
-    return ops
-
-
-def _k_panels(kv: torch.Tensor, block_n: int) -> torch.Tensor:
-    """K ``(B, Hk, M, D)`` int8 as ``(B, Hk, blocks, D/4, block_n·4)``: per 4 dims, the 4 bytes
-    of each key side by side, so 64 bytes hold 4 dims of 16 keys."""
-    b, h, m, d = kv.shape
-    blocks = -(-m // block_n)
-    padded = kv.new_zeros(b, h, blocks * block_n, d)
-    padded[:, :, :m] = kv
-    tiles = padded.view(b, h, blocks, block_n, d // 4, 4)
-    return tiles.permute(0, 1, 2, 4, 3, 5).reshape(b, h, blocks, d // 4, block_n * 4)
 
 
 def _spec(q, v, mask_facts: dict, pv: str, target: Target) -> Spec:
@@ -513,10 +644,9 @@ def forward(
     config = _config(target, v.shape[-1])
     if config is None:
         raise KernelError(f"value dim {v.shape[-1]} is not a whole number of vectors")
-    block_n = KEY_BLOCK
     mask_arg, facts = _mask_operand(mask, q, k)
     spec = _spec(q, v, facts, pv, target)
-    ops = operands(q.detach(), k.detach(), v.detach(), scale=scale, pv=pv, block_n=block_n)
+    ops = operands(q.detach(), k.detach(), v.detach(), scale=scale, pv=pv, target=target)
     out = q.new_empty(*q.shape[:3], v.shape[-1], dtype=torch.float32)
     fill2 = fill if fill == NEG_INF else max(fill, _FLOOR) * LOG2E
     key = {**asdict(spec), **config}
