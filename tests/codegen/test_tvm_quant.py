@@ -64,8 +64,9 @@ def test_kernel_matches_reference(cpu_level, n, m, kv_heads, flags, kind, pv):
     exact, _ = exact_attention(q, k, v, mask, **{**flags, "scale": 32**-0.5})
     assert got.shape == want.shape and torch.isfinite(got).all()
     rel = ((got - want).norm() / want.norm()).item()
-    # int8: the same integers, sums in another order; fp16: P unrounded here, rounded there
-    assert rel < (1e-4 if pv == "int8" else 2e-3), rel
+    # int8: the same integers but for rare rounding flips of P (a polynomial exp2 here, torch
+    # there), far below int8 P·V's own error (~1e-2); fp16: P unrounded here, rounded there
+    assert rel < (5e-4 if pv == "int8" else 2e-3), rel
     assert cos(got, exact) >= cos(want, exact) - 1e-4
     if kind == "boolean":
         assert torch.equal(got[:, :, 0], torch.zeros_like(got[:, :, 0]))

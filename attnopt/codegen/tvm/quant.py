@@ -165,6 +165,13 @@ def _cpu_kernel(spec: Spec, config: dict):
             return s + T.max(T.Cast("float32", mask_buf[b, h, row, key]), floor) * log2e
         return s
 
+    def score(MASK, KS, acc, qs_s, fill, b, h, hk, i0, j0, N, M, g, kt, r, cv, c):
+        """The dequantized (and masked) score of register-tile lane ``(r, cv·vec + c)``."""
+        key = kt * tw + cv * vec + c
+        value = T.Cast("float32", acc[r, cv * vec + c]) * (qs_s[g * rows + r] * KS[b, hk, j0 + key])
+        row = T.min(i0 + g * rows + r, N - 1)
+        return masked(MASK, b, h, row, T.min(j0 + key, M - 1), value, fill)
+
     @T.macro
     def attend_tile(
         QU, QS, KP, KC, KS, VP, VS, VM, MASK, OUT, H, HK, N, M, causal, window, fill, bi, hi, ti
@@ -221,11 +228,17 @@ def _cpu_kernel(spec: Spec, config: dict):
                                 bcast4(q_s[g * rows + r, dd]),
                                 KP[b, hk, blk, dd, T.Ramp((kt * tw + cv * vec) * 4, 1, 4 * vec)],
                             )
-                for r, cv in T.grid(rows, cols):
-                    for c in T.vectorized(vec):
-                        s_t[g * rows + r, kt * tw + cv * vec + c] = T.Select(
-                            tirx.any(
-                                whole,
+                # blocks wholly inside the band skip the causal / window / bounds check
+                if whole:
+                    for r, cv in T.grid(rows, cols):
+                        for c in T.vectorized(vec):
+                            s_t[g * rows + r, kt * tw + cv * vec + c] = score(
+                                MASK, KS, acc, qs_s, fill, b, h, hk, i0, j0, N, M, g, kt, r, cv, c
+                            )
+                else:
+                    for r, cv in T.grid(rows, cols):
+                        for c in T.vectorized(vec):
+                            s_t[g * rows + r, kt * tw + cv * vec + c] = T.Select(
                                 _visible(
                                     base + kt * tw + cv * vec + c - T.Cast("int32", g * rows + r),
                                     kt * tw + cv * vec + c,
@@ -233,19 +246,27 @@ def _cpu_kernel(spec: Spec, config: dict):
                                     causal,
                                     win,
                                 ),
-                            ),
-                            masked(
-                                MASK,
-                                b,
-                                h,
-                                T.min(i0 + g * rows + r, N - 1),
-                                T.min(j0 + kt * tw + cv * vec + c, M - 1),
-                                T.Cast("float32", acc[r, cv * vec + c])
-                                * (qs_s[g * rows + r] * KS[b, hk, j0 + kt * tw + cv * vec + c]),
-                                fill,
-                            ),
-                            neg,
-                        )
+                                score(
+                                    MASK,
+                                    KS,
+                                    acc,
+                                    qs_s,
+                                    fill,
+                                    b,
+                                    h,
+                                    hk,
+                                    i0,
+                                    j0,
+                                    N,
+                                    M,
+                                    g,
+                                    kt,
+                                    r,
+                                    cv,
+                                    c,
+                                ),  # fmt: skip
+                                neg,
+                            )
             # running max, rescale factors; int8 P is taken against the block's own row max
             for i in range(used):
                 m_sub[i] = row_max(s_t, i)
@@ -555,7 +576,8 @@ def operands(q, k, v, *, scale: float, pv: str, target: Target) -> dict:
     (b, h, n, d), (hk, m), dv = q.shape, k.shape[1:3], v.shape[-1]
     blocks = -(-m // KEY_BLOCK)
     int_pv = pv == "int8"
-    k_mean, v_mean = k.mean(dim=-2), v.mean(dim=-2)
+    k_mean = k.mean(dim=-2)
+    v_mean = v.mean(dim=-2) if int_pv else v.new_zeros(b, hk, dv)
     ops = {
         "qu": q.new_empty(b, h, n, d, dtype=torch.uint8),
         "qs": q.new_empty(b, h, n),
@@ -564,7 +586,7 @@ def operands(q, k, v, *, scale: float, pv: str, target: Target) -> dict:
         "ks": q.new_empty(b, hk, blocks * KEY_BLOCK),
         # (unwritten without int8 P·V: that pass is compiled out, the fp32 panels replace it)
         "vp": q.new_empty(b, hk, blocks, KEY_BLOCK // 4, 4 * dv, dtype=torch.int8),
-        "vs": q.new_empty(b, hk, dv),
+        "vs": q.new_zeros(b, hk, dv),
         "vm": v_mean,
     }
     key = {"head_dim": d, "value_dim": dv, "int_pv": int_pv}
@@ -572,21 +594,18 @@ def operands(q, k, v, *, scale: float, pv: str, target: Target) -> dict:
     prep(q, k, v, k_mean, v_mean, *(ops[name] for name in list(ops)[:7]), scale * LOG2E)
     ops["qu"] = ops["qu"].view(torch.int32)
     if not int_pv:
-        vr = v.to(PV_DTYPES[pv]).float()
-        ops |= {"vp": _panels(vr, KEY_BLOCK, 1), "vs": ops["vs"].zero_(), "vm": v_mean.zero_()}
+        ops["vp"] = _key_blocks(v.to(PV_DTYPES[pv]).float(), KEY_BLOCK)
     return ops
 
 
-def _panels(x: torch.Tensor, block: int, group: int) -> torch.Tensor:
-    """``x (B, Hk, M, C)`` zero-padded to whole blocks of keys and laid out ``(B, Hk, blocks,
-    block / group, C · group)``: ``group`` consecutive keys interleaved per column (4 for the
-    dot product's bytes, 1 for fp32 V)."""
+def _key_blocks(x: torch.Tensor, block: int) -> torch.Tensor:
+    """``x (B, Hk, M, C)`` as ``(B, Hk, blocks, block, C)``, zero-padded (a copy) only when
+    ``M`` is not a whole number of blocks."""
     b, h, m, c = x.shape
     blocks = -(-m // block)
-    padded = x.new_zeros(b, h, blocks * block, c)
-    padded[:, :, :m] = x
-    tiles = padded.view(b, h, blocks, block // group, group, c)
-    return tiles.transpose(-2, -1).reshape(b, h, blocks, block // group, c * group)
+    if m % block:
+        x = torch.cat([x, x.new_zeros(b, h, blocks * block - m, c)], dim=2)
+    return x.view(b, h, blocks, block, c)
 
 
 def _spec(q, v, mask_facts: dict, pv: str, target: Target) -> Spec:
