@@ -111,6 +111,8 @@ def test_declines_what_it_does_not_run(monkeypatch):
     odd = torch.randn(1, 2, 512, 30)
     assert "multiple of 4" in tvm_quant.supports(odd, odd, odd, None, False, 0, 8, "fp16")
     small = torch.randn(1, 1, 16, 32)
-    assert "scores" in (tvm_quant.supports(small, small, small, None, False, 0, 8, "fp16") or "")
+    assert "scores" in tvm_quant.supports(small, small, small, None, False, 0, 8, "fp16")
+    step, cache_kv = torch.randn(1, 32, 1, 32), torch.randn(1, 1, 1, 32).expand(1, 32, 100_000, 32)
+    assert "queries" in tvm_quant.supports(step, cache_kv, cache_kv, None, True, 0, 8, "fp16")
     with pytest.raises(KernelError, match="bits=8"):
         tvm_quant.forward(q, k, v, scale=0.2, bits=4)

@@ -14,8 +14,9 @@ On CPUs without VNNI or AMX, oneDNN's s8·s8 GEMM runs ``vpmaddubsw`` on ``(a + 
 quantized to ±63 instead of ±127, read from the target (``Target.int_dot``), so the GEMM stays
 exact.
 
-Why not TVM: the integer GEMM is the part the CPU's VNNI/AMX units speed up, and oneDNN's is
-already tuned for every ISA level; the softmax is memory-bound torch ops either way.
+The fused TVM kernel (``codegen/tvm/quant.py``) is selected above this one where the CPU has
+AVX-512 VNNI; this kernel runs what it declines (INT4, ``pv="fp8"``, small calls, AVX2-only
+CPUs, where oneDNN's GEMM is the faster int8 path).
 """
 
 from __future__ import annotations

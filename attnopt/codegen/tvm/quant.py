@@ -43,6 +43,7 @@ from attnopt.codegen.reference.quant import (
 from attnopt.codegen.registry import Kernel, register_kernel
 from attnopt.codegen.tvm import cache
 from attnopt.codegen.tvm.exact import (
+    MIN_QUERIES,
     NEG_INF,
     _band_count,
     _band_start,
@@ -633,6 +634,10 @@ def supports(q, k, v, mask, causal: bool, window: int, bits: int, pv: str) -> st
         return f"value dim {dv} is not a whole number of {target.vector_bits}-bit vectors"
     if dot_kind(target) != "vnni":
         return "no AVX-512 VNNI on the target: the int_mm kernel (oneDNN) is faster"
+    if q.shape[2] < MIN_QUERIES:  # decoding: packing K and V each call would dominate
+        return (
+            f"{q.shape[2]} queries: below {MIN_QUERIES} the per-call packing outweighs the kernel"
+        )
     work = q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2]
     if work < MIN_WORK:
         return f"{work} scores: below {MIN_WORK} quantizing and packing outweigh the kernel"
