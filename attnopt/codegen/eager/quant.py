@@ -14,9 +14,8 @@ On CPUs without VNNI or AMX, oneDNN's s8·s8 GEMM runs ``vpmaddubsw`` on ``(a + 
 quantized to ±63 instead of ±127, read from the target (``Target.int_dot``), so the GEMM stays
 exact.
 
-The fused TVM kernel (``codegen/tvm/quant.py``) is selected above this one where the CPU has
-AVX-512 VNNI; this kernel runs what it declines (INT4, ``pv="fp8"``, small calls, AVX2-only
-CPUs, where oneDNN's GEMM is the faster int8 path).
+The fused TVM kernel (``codegen/tvm/quant.py``) is selected above this one; this kernel runs
+what it declines (INT4, ``pv="fp8"``, small calls and decoding steps, TVM not installed).
 """
 
 from __future__ import annotations
