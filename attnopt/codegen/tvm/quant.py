@@ -430,7 +430,7 @@ def _prep_kernel(head_dim: int, value_dim: int, int_pv: bool):
     from tvm import tirx
     from tvm.script import tirx as T
 
-    from attnopt.codegen.tvm.tirlib import STACK, hmax, lanes
+    from attnopt.codegen.tvm.tirlib import STACK, hmax, hsum, lanes
 
     d, dv, bq, bn = head_dim, value_dim, BLOCK_Q, KEY_BLOCK
     w = next(width for width in (16, 8, 4) if d % width == 0)  # vector lanes along d
@@ -461,7 +461,7 @@ def _prep_kernel(head_dim: int, value_dim: int, int_pv: bool):
         VM = T.match_buffer(vm, (B, HK, i64(dv)), "float32")
         QU = T.match_buffer(qu, (B, H, N, i64(d)), "uint8")
         QS = T.match_buffer(qs, (B, H, N), "float32")
-        KP = T.match_buffer(kp, (B, HK, NB, i64(d // 4), i64(4 * bn)), "int8")
+        KP = T.match_buffer(kp, (B, HK, NB, i64(d // 4), i64(bn)), "int32")  # 4 bytes a key
         KC = T.match_buffer(kc, (B, HK, NB * bn), "int32")
         KS = T.match_buffer(ks, (B, HK, NB * bn), "float32")
         VP = T.match_buffer(vp, (B, HK, NB, i64(bn // 4), i64(4 * dv)), "int8")
@@ -522,27 +522,31 @@ def _prep_kernel(head_dim: int, value_dim: int, int_pv: bool):
                         peak[c], T.abs(K[b, hk, j0 + j, c0 * w + c] - KM[b, hk, c0 * w + c])
                     )
             step: T.let = step_of(hmax(lanes(peak, 0, width=w), w))
-            for c4, j in T.grid(d // 4, bn):
-                for t in T.vectorized(4):
-                    KP[b, hk, blk, c4, j * 4 + t] = T.Cast(
-                        "int8",
-                        T.Select(
-                            j0 + j < M,
-                            quantized(
-                                K[b, hk, T.min(j0 + j, M - 1), c4 * 4 + t] - KM[b, hk, c4 * 4 + t],
-                                step,
-                            ),
-                            0,
-                        ),
-                    )
+            # a block of K quantized row by row, then its 4-byte groups moved into the panel
+            kq = T.alloc_buffer((bn, d), "int8", annotations=STACK)
+            sums = T.alloc_buffer((w,), "int32", annotations=STACK)
             for j in range(bn):
-                KC[b, hk, j0 + j] = 0
-                for c4, t in T.grid(d // 4, 4):
-                    KC[b, hk, j0 + j] = KC[b, hk, j0 + j] + T.Cast(
-                        "int32", KP[b, hk, blk, c4, j * 4 + t]
-                    )
-                KC[b, hk, j0 + j] = KC[b, hk, j0 + j] * 128
+                for c in T.vectorized(w):
+                    sums[c] = 0
+                for c0 in range(d // w):
+                    for c in T.vectorized(w):
+                        kq[j, c0 * w + c] = T.Cast(
+                            "int8",
+                            T.Select(
+                                j0 + j < M,
+                                quantized(
+                                    K[b, hk, T.min(j0 + j, M - 1), c0 * w + c]
+                                    - KM[b, hk, c0 * w + c],
+                                    step,
+                                ),
+                                0,
+                            ),
+                        )
+                        sums[c] = sums[c] + T.Cast("int32", kq[j, c0 * w + c])
+                KC[b, hk, j0 + j] = hsum(lanes(sums, 0, width=w), w) * 128
                 KS[b, hk, j0 + j] = T.Select(j0 + j < M, step, T.float32(0))
+            for c4, j in T.grid(d // 4, bn):
+                KP[b, hk, blk, c4, j] = T.reinterpret("int32", kq[j, T.Ramp(c4 * 4, 1, 4)])
         if int_pv:
             for task in T.parallel(B * HK):
                 b: T.let = task // HK
@@ -593,7 +597,8 @@ def operands(q, k, v, *, scale: float, pv: str, target: Target) -> dict:
     }
     key = {"head_dim": d, "value_dim": dv, "int_pv": int_pv}
     prep = cache.kernel_function("tvm.quant.prep", key, target, _prep_kernel, d, dv, int_pv)
-    prep(q, k, v, k_mean, v_mean, *(ops[name] for name in list(ops)[:7]), scale * LOG2E)
+    outs = [ops[name].view(torch.int32) if name == "kp" else ops[name] for name in list(ops)[:7]]
+    prep(q, k, v, k_mean, v_mean, *outs, scale * LOG2E)
     ops["qu"] = ops["qu"].view(torch.int32)
     if not int_pv:
         ops["vp"] = _key_blocks(v.to(PV_DTYPES[pv]).float(), KEY_BLOCK)
