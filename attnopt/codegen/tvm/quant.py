@@ -3,12 +3,12 @@ with ``Q·Kᵀ`` on the CPU's integer dot-product instruction, the online softma
 ``P·V`` in the same pass, so no score ever leaves the core's registers and L1.
 
 The quantization is the reference's (``codegen/reference/quant.py``): K smoothed, Q per 128
-rows with ``scale·log2 e`` folded in, K per 64 keys, done in torch before the launch (O(n·d)).
-The launcher then packs the operands the way the dot product reads them:
+rows with ``scale·log2 e`` folded in, K per 64 keys. A first compiled pass (``_prep_kernel``,
+O(n·d)) quantizes and packs the operands the way the dot product reads them:
 
 - ``vpdpbusd`` (AVX-512 VNNI) multiplies 4 unsigned bytes by 4 signed bytes per int32 lane.
-  Q is stored as ``q + 128`` (u8) and broadcast 4 bytes at a time; K as panels of ``block_n``
-  keys ``(D/4, block_n, 4)``, so one 64-byte load holds 4 dims of 16 keys. ``Σ(q+128)·k`` is
+  Q is stored as ``q + 128`` (u8) and broadcast 4 bytes at a time; K as panels of 64 keys
+  ``(D/4, 64, 4)``, so one 64-byte load holds 4 dims of 16 keys. ``Σ(q+128)·k`` is
   corrected by ``128·Σk`` per key, the accumulator's initial value: the scores are exact int32.
 - Without VNNI (AVX2) the same 4-byte products are spelled out in plain TIR (bytes widened,
   which LLVM turns into ``vpmaddwd``), so the kernel runs on every x86-64 CPU. It stays selected
@@ -35,12 +35,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from attnopt.codegen.reference.quant import (
-    BLOCK_K,
-    BLOCK_Q,
-    LOG2E,
-    PV_DTYPES,
-)
+from attnopt.codegen.reference.quant import BLOCK_K, BLOCK_Q, LOG2E, PV_DTYPES
 from attnopt.codegen.registry import Kernel, register_kernel
 from attnopt.codegen.tvm import cache
 from attnopt.codegen.tvm.exact import (
@@ -58,8 +53,8 @@ from attnopt.targets import Target, detect_cpu
 
 _FLOOR = torch.finfo(torch.float32).min / 2  # masks floored as in the reference
 MAX_HEAD_DIM = 256
-# Below this many scores the torch-side quantization and packing dominate; the int_mm kernel is
-# as fast there (and the thread-pool handoff costs ~1 ms, as for the exact kernel).
+# Below this many scores the launches, packing and thread-pool handoff (1-3 ms for the exact
+# kernel, see its MIN_WORK) weigh most; a guess, not tuned for this kernel.
 MIN_WORK = 1 << 20
 KEY_BLOCK = BLOCK_K  # keys per block: P is quantized per row of a block, as in the reference
 PV_KINDS = (*PV_DTYPES, "int8")  # FP8 has no CPU units: the int_mm kernel emulates it
@@ -576,8 +571,8 @@ def _prep_kernel(head_dim: int, value_dim: int, int_pv: bool):
 
 
 def operands(q, k, v, *, scale: float, pv: str, target: Target) -> dict:
-    """The kernel's operands: the reference's quantization (one compiled pass per operand),
-    packed for the dot product."""
+    """The kernel's operands: the reference's quantization, packed for the dot product by one
+    compiled pass (``_prep_kernel``); only the token means and fp32 V's rounding are torch."""
     q, k, v = (t.float().contiguous() for t in (q, k, v))
     (b, h, n, d), (hk, m), dv = q.shape, k.shape[1:3], v.shape[-1]
     blocks = -(-m // KEY_BLOCK)
