@@ -511,7 +511,9 @@ def parse_args() -> argparse.Namespace:
         default="exact",
     )
     parser.add_argument("--bits", type=int, choices=[8, 4], default=8, help="quant: Q/K bits")
-    parser.add_argument("--pv", choices=["fp16", "bf16", "fp8"], default="fp16", help="quant P·V")
+    parser.add_argument(
+        "--pv", choices=["fp16", "bf16", "fp8", "int8"], default="fp16", help="quant P·V"
+    )
     parser.add_argument("--k", type=int, nargs="+", default=[1, 4, 16], help="conv_basis segments")
     parser.add_argument("--feature-map", choices=["elu", "relu", "hedgehog"], default="elu")
     parser.add_argument("--heads", type=int, default=4, help="heads (approximate variants)")

@@ -13,3 +13,4 @@ import attnopt.codegen.triton.tensor  # noqa: F401
 import attnopt.codegen.tvm.decode  # noqa: F401
 import attnopt.codegen.tvm.exact  # noqa: F401
 import attnopt.codegen.tvm.linear  # noqa: F401
+import attnopt.codegen.tvm.quant  # noqa: F401

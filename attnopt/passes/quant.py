@@ -45,7 +45,7 @@ class QuantPass:
     approximate = True
     knobs: dict[str, tuple] = {
         "bits": (8, 4),
-        "pv": ("fp16", "bf16", "fp8"),
+        "pv": ("fp16", "bf16", "fp8", "int8"),
         "quant_projections": (False, True),
     }
     budget = {"cos": 0.995, "rel_l1": 0.03}

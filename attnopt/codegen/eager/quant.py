@@ -14,8 +14,8 @@ On CPUs without VNNI or AMX, oneDNN's s8·s8 GEMM runs ``vpmaddubsw`` on ``(a + 
 quantized to ±63 instead of ±127, read from the target (``Target.int_dot``), so the GEMM stays
 exact.
 
-Why not TVM: the integer GEMM is the part the CPU's VNNI/AMX units speed up, and oneDNN's is
-already tuned for every ISA level; the softmax is memory-bound torch ops either way.
+The fused TVM kernel (``codegen/tvm/quant.py``) is selected above this one; this kernel runs
+what it declines (INT4, ``pv="fp8"``, small calls and decoding steps, TVM not installed).
 """
 
 from __future__ import annotations
@@ -189,6 +189,8 @@ def supports(q, k, v, mask, causal: bool, window: int, bits: int, pv: str) -> st
         return "CPU kernel"
     if bits not in QMAX:
         return f"bits={bits}"
+    if pv not in (*PV_DTYPES, "fp8"):
+        return f"pv={pv!r}: the reference runs it"
     if not hasattr(torch, "_int_mm"):
         return "this torch has no torch._int_mm"
     return None

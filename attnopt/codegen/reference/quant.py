@@ -11,8 +11,11 @@ fully-masked rows giving 0) and, per call:
   are folded into Q's scale, so ``int32(Q_q·K_qᵀ)·q_scale·k_scale`` is the score in log2 units.
 - INT4 also smooths Q per block: the block mean's scores ``mean_q·Kᵀ`` go back in as a per-key
   bias computed in fp32 (a per-key term does change the softmax, so it must be added back).
-- Online softmax in fp32 over key blocks; ``P·V`` in fp16 (``pv="fp16"``), bf16 (``"bf16"``) or
-  FP8 e4m3 (``"fp8"``: V scaled per channel to 448, P by 448), accumulated in fp32.
+- Online softmax in fp32 over key blocks; ``P·V`` in fp16 (``pv="fp16"``), bf16 (``"bf16"``),
+  FP8 e4m3 (``"fp8"``: V scaled per channel to 448, P by 448), accumulated in fp32, or in
+  integers (``"int8"``, the CPU's 8-bit P·V, see ``int8_values``): P of each key block taken
+  against that block's own row max, ``round(255·2^(s − blockmax))`` in u8, its sums scaled by
+  ``2^(blockmax − max)``; the row sums add the same rounded P, so rows stay weighted averages.
 - Returns ``(B, H, N, Dv)`` in ``q.dtype``.
 """
 
@@ -26,6 +29,7 @@ LOG2E = 1.4426950408889634
 QMAX = {8: 127, 4: 7}
 FP8_MAX = 448.0  # largest finite float8 e4m3fn
 PV_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+PV_CHOICES = (*PV_DTYPES, "fp8", "int8")
 BLOCK_Q, BLOCK_K = 128, 64
 # Mask values are floored here before ``·log2 e``: finfo.min·log2 e overflows to -inf and would
 # empty a row HF pads uniformly with finfo.min (softmax averages such a row).
@@ -86,6 +90,18 @@ def int_scores(qv: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
     return torch.matmul(qv.to(torch.int32), kv.to(torch.int32).transpose(-2, -1))
 
 
+def int8_values(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """V for ``pv="int8"``: ``(values int8, scales, means)``, each ``(B, Hkv, 1, Dv)`` but the
+    values. V minus its token mean per channel (added back after the normalisation: exact, as
+    rows of P sum to 1) is quantized per channel to ±127."""
+    vf = v.float()
+    means = vf.mean(dim=-2, keepdim=True)
+    centred = vf - means
+    scales = centred.abs().amax(dim=-2, keepdim=True).clamp_min(1e-30) / 127
+    values = torch.round(centred / scales).clamp_(-127, 127).to(torch.int8)
+    return values, scales, means
+
+
 def _pv(p: torch.Tensor, v: torch.Tensor, v_scale: torch.Tensor | None, pv: str) -> torch.Tensor:
     """``p·v`` with both rounded to the P·V dtype, accumulated in fp32."""
     if pv == "fp8":
@@ -113,8 +129,8 @@ def quant_attention(
 ) -> torch.Tensor:
     """Quantized attention following the module docstring, one key block at a time; ``k_qmax``
     narrows K's range (63 where the integer GEMM would saturate, see ``eager/quant.py``)."""
-    if bits not in QMAX or pv not in (*PV_DTYPES, "fp8"):
-        raise ValueError(f"bits must be 8 or 4 and pv fp16, bf16 or fp8; got {bits}, {pv!r}")
+    if bits not in QMAX or pv not in PV_CHOICES:
+        raise ValueError(f"bits must be 8 or 4 and pv one of {PV_CHOICES}; got {bits}, {pv!r}")
     group = q.shape[1] // k.shape[1]
     n, m = q.shape[-2], k.shape[-2]
     ks = smooth_k(k)
@@ -128,8 +144,11 @@ def quant_attention(
     kv = kv.repeat_interleave(group, dim=1)
     k_scale = k_scale.repeat_interleave(group, dim=1)
     vf = v.float().repeat_interleave(group, dim=1)
-    v_scale = None
-    if pv == "fp8":
+    v_scale = v_mean = None
+    if pv == "int8":
+        vf, v_scale, v_mean = (t.repeat_interleave(group, dim=1) for t in int8_values(v))
+        vf = vf.float()
+    elif pv == "fp8":
         v_scale = vf.abs().amax(dim=-2, keepdim=True).clamp_min(1e-12) / FP8_MAX
         vf = (vf / v_scale).to(torch.float8_e4m3fn).float()
     else:
@@ -155,12 +174,27 @@ def quant_attention(
                 s = s + part.float().clamp_min(_FLOOR) * LOG2E
         if keep is not None:
             s = s.masked_fill(~keep[:, start:stop], float("-inf"))
-        m_new = torch.maximum(m_i, s.amax(dim=-1))
-        m_sub = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)
-        p = torch.exp2(s - m_sub[..., None])
+        block_max = s.amax(dim=-1)
+        m_new = torch.maximum(m_i, block_max)
+        m_sub = _finite(m_new)
         alpha = torch.exp2(m_i - m_sub)
-        l_i = l_i * alpha + p.sum(dim=-1)
-        acc = acc * alpha[..., None] + _pv(p, vf[:, :, start:stop], v_scale, pv)
+        if pv == "int8":  # u8 P against the block's own max, its sums scaled back
+            p = torch.floor(torch.exp2(s - _finite(block_max)[..., None]) * 255 + 0.5)
+            beta = torch.exp2(block_max - m_sub)
+            l_i = l_i * alpha + beta * p.sum(dim=-1)
+            part = torch.matmul(p, vf[:, :, start:stop]) * v_scale
+            acc = acc * alpha[..., None] + beta[..., None] * part
+        else:
+            p = torch.exp2(s - m_sub[..., None])
+            l_i = l_i * alpha + p.sum(dim=-1)
+            acc = acc * alpha[..., None] + _pv(p, vf[:, :, start:stop], v_scale, pv)
         m_i = m_new
     out = acc / l_i.clamp_min(torch.finfo(torch.float32).tiny)[..., None]
+    if v_mean is not None:  # rows with no visible key stay 0
+        out = torch.where(l_i[..., None] > 0, out + v_mean, out)
     return out.to(q.dtype)
+
+
+def _finite(m: torch.Tensor) -> torch.Tensor:
+    """A running max with ``-inf`` (no visible key yet) read as 0, so ``s − m`` stays -inf."""
+    return torch.where(torch.isinf(m), torch.zeros_like(m), m)
