@@ -36,25 +36,19 @@ def supports(q, k, v, mask, causal: bool, window: int) -> str | None:
     return None
 
 
-def _head_shared(mask: torch.Tensor | None) -> torch.Tensor | None | bool:
-    """The mask with one head (it is the same for every head), or False when heads differ."""
-    if mask is None or mask.dim() < 3 or mask.shape[-3] == 1:
-        return mask
-    if mask.stride(-3) == 0:  # expanded over heads
-        return mask.narrow(-3, 0, 1)
-    return False
-
-
 def _folded_decode(q, k, v, mask, scale: float) -> torch.Tensor | None:
     """One GQA query per head as the group's queries of its kv head, or None when it does not
     apply (query heads of one group are consecutive, as ``repeat_interleave`` lays them out)."""
     batch, heads, n_q, _ = q.shape
     kv_heads = k.shape[1]
-    shared = _head_shared(mask)
-    if n_q != 1 or heads == kv_heads or shared is False:
+    if n_q != 1 or heads == kv_heads:
         return None
+    if mask is not None and mask.dim() >= 3 and mask.shape[-3] != 1:
+        if mask.stride(-3) != 0:
+            return None  # it differs per query head: the group cannot share one row
+        mask = mask.narrow(-3, 0, 1)  # expanded over heads: one head stands for all
     folded = q.reshape(batch, kv_heads, heads // kv_heads, q.shape[-1])
-    out = F.scaled_dot_product_attention(folded, k, v, attn_mask=shared, scale=scale)
+    out = F.scaled_dot_product_attention(folded, k, v, attn_mask=mask, scale=scale)
     return out.reshape(batch, heads, 1, v.shape[-1])
 
 
