@@ -19,6 +19,7 @@ others do not are masked.
 
 from __future__ import annotations
 
+import functools
 import math
 from concurrent.futures import ThreadPoolExecutor
 
@@ -157,6 +158,12 @@ def _forward(prepared, tiling: _Tiling) -> tuple[torch.Tensor, torch.Tensor]:
     return out, lse
 
 
+@functools.cache
+def _pool(workers: int) -> ThreadPoolExecutor:
+    """One pool per worker count for the process: no thread start-up on every call."""
+    return ThreadPoolExecutor(workers, thread_name_prefix="attnopt-tensor")
+
+
 def _in_workers(items: list, work, device: torch.device) -> list:
     """``work`` over the query blocks, split round-robin among ``torch.get_num_threads()``
     Python threads with one intra-op thread each (CPU): one fork and join per call instead of
@@ -176,8 +183,7 @@ def _in_workers(items: list, work, device: torch.device) -> list:
             return work(part)
 
     try:
-        with ThreadPoolExecutor(workers) as pool:
-            return list(pool.map(run, [items[w::workers] for w in range(workers)]))
+        return list(_pool(workers).map(run, [items[w::workers] for w in range(workers)]))
     finally:
         torch.set_num_threads(threads)  # the default that later threads start with
 
